@@ -1,0 +1,366 @@
+"""``graphopt.optimize``: the call an export toolchain makes.
+
+import graphopt
+result = graphopt.optimize("model.onnx", level=1)
+result.save("model.opt.onnx")
+print(result.report.to_json())
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphopt import ir as gir
+from graphopt.context import TARGETS, PassContext
+from graphopt.data import input_specs, load_feeds, parse_shapes, synthesize
+from graphopt.errors import ExitCode, InputError, PluginError, UsageError
+from graphopt.manager import ManagerOptions, PassManager
+from graphopt.passes import Tolerance
+from graphopt.pipeline import (
+    PassSpec,
+    format_pipeline,
+    load_config,
+    parse_pipeline,
+    preset,
+    resolve,
+)
+from graphopt.plugins import Registry, load_registry
+from graphopt.report import PassRecord, Report
+from graphopt.validate import Budget, Runner, Validator, parse_budget
+
+__all__ = ["OptimizeResult", "optimize"]
+
+log = logging.getLogger("graphopt")
+
+ModelLike = str | Path | onnx.ModelProto | ir.Model
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized model and the run's report."""
+
+    model: ir.Model
+    report: Report
+
+    @property
+    def model_proto(self) -> onnx.ModelProto:
+        """The optimized model as an ``onnx.ModelProto``."""
+        return gir.to_proto(self.model)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode(self.report.exit_code)
+
+    def save(self, path: str | Path, *, external_data: bool | None = None) -> list[Path]:
+        """Write the model atomically (external data beside it when over 2 GB)."""
+        written = gir.save(self.model, path, external_data=external_data)
+        self.report.output = str(path)
+        return written
+
+
+def _load_model(model: ModelLike) -> tuple[ir.Model, str]:
+    if isinstance(model, ir.Model):
+        return model, "<onnx_ir.Model>"
+    if isinstance(model, onnx.ModelProto):
+        gir.check_proto(model, "<onnx.ModelProto>")
+        return gir.from_proto(model, "<onnx.ModelProto>"), "<onnx.ModelProto>"
+    if isinstance(model, str | Path):
+        return gir.load(model), str(model)
+    raise UsageError(
+        f"cannot optimize a {type(model).__name__}",
+        hint="pass a path, an onnx.ModelProto or an onnx_ir.Model",
+    )
+
+
+def build_pipeline(
+    level: int,
+    pipeline: str | Sequence[PassSpec] | None,
+    config: str | Path | None,
+    registry: Registry,
+) -> tuple[list[PassSpec], bool]:
+    """The specs to run and whether the user named them (vs a level preset)."""
+    if pipeline is not None and config is not None:
+        raise UsageError("give either a pipeline (-p) or a --config file, not both")
+    if config is not None:
+        return load_config(config), True
+    if pipeline is not None:
+        specs = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+        return specs, True
+    return preset(level, registry.passes), False
+
+
+def _unknown_with_failures(specs: Sequence[PassSpec], registry: Registry) -> None:
+    """A requested pass that is missing because its plugin failed to import: exit 3."""
+    missing = [s.name for s in specs if s.name not in registry.infos]
+    if missing and registry.failures:
+        f = registry.failures[0]
+        raise PluginError(
+            f"pass {missing[0]!r} is not available; plugin {f.plugin!r} ({f.distribution}) "
+            f"failed to load: {f.error}",
+            hint="fix or reinstall that plugin, or disable it with GRAPHOPT_DISABLE_PLUGINS",
+        )
+
+
+def optimize(
+    model: ModelLike,
+    *,
+    level: int = 1,
+    pipeline: str | Sequence[PassSpec] | None = None,
+    config: str | Path | None = None,
+    calibration: str | Path | Sequence[Mapping[str, np.ndarray]] | None = None,
+    inputs: str | Path | Sequence[Mapping[str, np.ndarray]] | None = None,
+    budget: str | Budget | None = None,
+    shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    seed: int = 0,
+    samples: int = 1,
+    target: str = "cpu",
+    fallback: str | None = None,
+    on_fail: str = "rollback",
+    validate: str = "each",
+    strict: bool = False,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    threads: int = 1,
+    repro_dir: str | Path | None = None,
+    pass_timeout: float | None = None,
+    plugins: Iterable[Any] = (),
+    disable_plugins: Iterable[str] = (),
+    registry: Registry | None = None,
+    progress: Callable[[int, int, PassRecord], None] | None = None,
+) -> OptimizeResult:
+    """Optimize a model through validated passes.
+
+    Args:
+        model: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never modified).
+        level: 0-3; ignored when ``pipeline`` or ``config`` is given. Level 3 needs ``budget``.
+        pipeline: pipeline text (``"fold-constants,dce"``) or a list of PassSpec.
+        config: a TOML pipeline file.
+        calibration: ``.npz`` / directory of ``.npz`` / list of feeds, for passes that need data.
+        inputs: validation feeds in the same format; default: synthesized with ``seed``.
+        budget: bounds on the final error vs the original, e.g. ``"cosine>=0.999,top1>=0.99"``.
+        shapes: sizes of dynamic dims, ``{"input": (1, 3, 224, 224)}`` or ``["batch=1"]``.
+        seed: seed for synthesized inputs and for passes that sample.
+        samples: number of synthesized validation samples.
+        target: ``cpu``, ``cuda``, ``tensorrt``, ``openvino`` or ``generic``.
+        fallback: provider target to use when ``target``'s is not installed.
+        on_fail: ``rollback`` (drop the pass and go on) or ``stop``.
+        validate: ``each`` (after every pass), ``end`` (once, on the final model) or ``none``.
+        strict: a rolled-back or failed pass, or a broken budget, makes the exit code non-zero.
+        rtol, atol: APPROXIMATE tolerance: ``|out-ref| <= atol*max|ref| + rtol*|ref|``.
+        threads: onnxruntime intra-op threads for validation.
+        repro_dir: where reproducers of failed passes go (None: not written).
+        pass_timeout: seconds after which a pass is abandoned and recorded as failed.
+        plugins: extra plugin objects (besides the entry-point group).
+        disable_plugins: entry-point names to skip.
+        registry: a preloaded registry (overrides plugins / disable_plugins).
+        progress: ``callback(index, total, record)`` after each pass.
+
+    Returns:
+        An :class:`OptimizeResult`; ``result.report.exit_code`` says whether everything held.
+
+    Raises:
+        graphopt.GraphoptError: bad input or usage (exit 2), a requested plugin that failed
+            to import (exit 3).
+    """
+    started = time.perf_counter()
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}", hint=f"use one of {', '.join(TARGETS)}")
+    if on_fail not in ("rollback", "stop"):
+        raise UsageError(f"unknown on_fail {on_fail!r}", hint="use rollback or stop")
+    if validate not in ("each", "end", "none"):
+        raise UsageError(f"unknown validate {validate!r}", hint="use each, end or none")
+    if samples < 1:
+        raise UsageError("samples must be at least 1")
+    if isinstance(budget, str):
+        budget = parse_budget(budget)
+    if isinstance(shapes, Sequence) and not isinstance(shapes, str | bytes):
+        shapes = parse_shapes(list(shapes))
+    shape_map = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
+
+    reg = registry or load_registry(plugins, disable=disable_plugins)
+    specs, named = build_pipeline(level, pipeline, config, reg)
+    _unknown_with_failures(specs, reg)
+    passes = resolve(specs, reg.passes)
+    if not named and level == 3 and budget is None:
+        raise UsageError(
+            "-O3 runs LOSSY passes and needs a --budget", hint='add e.g. --budget "cosine>=0.999"'
+        )
+    lossy = [p.name for p in passes if p.tolerance is Tolerance.LOSSY]
+    if named and lossy and budget is None:
+        raise UsageError(
+            f"pass {lossy[0]!r} is LOSSY and needs a --budget",
+            hint='add e.g. --budget "cosine>=0.999"',
+        )
+
+    ir_model, source = _load_model(model)
+    specs_in = input_specs(ir_model)
+    calib = _feeds(calibration, specs_in, "calibration")
+    if named:
+        needs = [p.name for p in passes if p.requires.calibration]
+        if needs and calib is None:
+            raise UsageError(
+                f"pass {needs[0]!r} needs calibration data", hint="add --calibration data.npz"
+            )
+    runner = Runner(target, threads=threads, fallback=fallback)
+    static = all(
+        spec.name in shape_map
+        or (
+            spec.shape is not None
+            and all(isinstance(d, int) or (d in shape_map) for d in spec.shape)
+        )
+        for spec in specs_in
+    )
+
+    validator = None
+    warnings: list[str] = []
+    if validate != "none" and passes:
+        feeds = _feeds(inputs, specs_in, "inputs")
+        if feeds is None:
+            feeds = synthesize(specs_in, shape_map, seed=seed, samples=samples)
+            if lossy:
+                warnings.append(
+                    "LOSSY passes are validated on synthetic inputs; pass --inputs "
+                    "with held-out data for a meaningful budget"
+                )
+        try:
+            validator = Validator(ir_model, feeds, runner, rtol=rtol, atol=atol, budget=budget)
+        except RuntimeError as e:
+            raise InputError(
+                f"onnxruntime cannot run {source}: {e}",
+                hint=f"check the opset and ops are supported by onnxruntime {_ort_version()}",
+            ) from e
+
+    ctx = PassContext(
+        target=target, seed=seed, budget=budget, validator=validator, calibration=calib
+    )
+    manager = PassManager(
+        reg,
+        ctx,
+        validator,
+        ManagerOptions(
+            on_fail=on_fail,
+            validate=validate,
+            repro_dir=Path(repro_dir) if repro_dir is not None else None,
+            pass_timeout=pass_timeout,
+            static_shapes=static,
+        ),
+        progress=progress,
+    )
+    result_model, records = manager.run(ir_model, passes)
+
+    report = Report(
+        pipeline=format_pipeline(specs),
+        input=source,
+        level=None if named else level,
+        target=target,
+        passes=records,
+        warnings=warnings,
+    )
+    report.plugin_failures = [
+        {"plugin": f.plugin, "distribution": f.distribution, "error": f.error} for f in reg.failures
+    ]
+    report.model = {
+        "nodes_before": gir.count_nodes(ir_model),
+        "nodes_after": gir.count_nodes(result_model),
+        "bytes_before": gir.weight_bytes(ir_model),
+        "bytes_after": gir.weight_bytes(result_model),
+    }
+
+    final_ok = True
+    if validator is not None:
+        applied = [r for r in records if r.status == "applied"]
+        final = validator.measure(result_model)
+        metrics = {k: m.as_dict() for k, m in final.metrics.items()}
+        if not final.ok:
+            report.final = {"status": "failed", "reason": final.reason, "metrics": {}}
+            final_ok = False
+        else:
+            worst_tol = _loosest(passes, applied)
+            reason = ""
+            if validate == "end" and worst_tol is not None:
+                check = validator.check(gir.to_proto(result_model), worst_tol)
+                if not check.ok:
+                    reason = check.reason
+            if not reason and budget is not None:
+                broken = budget.violations(final.metrics)
+                if broken:
+                    reason = "budget broken: " + ", ".join(broken)
+            final_ok = not reason
+            report.final = {
+                "status": "ok" if final_ok else "failed",
+                "reason": reason,
+                "metrics": metrics,
+            }
+        if not final_ok and validate == "end" and applied:
+            # Find the culprit: re-run with a check after every pass.
+            log.warning(
+                "final check failed (%s); re-running with per-pass validation",
+                report.final["reason"],
+            )
+            manager.options.validate = "each"
+            result_model, records = manager.run(ir_model, passes)
+            report.passes = records
+            again = validator.measure(result_model)
+            report.final = {
+                "status": "ok" if again.ok else "failed",
+                "reason": "" if again.ok else again.reason,
+                "metrics": {k: m.as_dict() for k, m in again.metrics.items()},
+                "note": "re-validated pass by pass after the end check failed",
+            }
+            final_ok = again.ok and not (budget and budget.violations(again.metrics))
+            report.model["nodes_after"] = gir.count_nodes(result_model)
+            report.model["bytes_after"] = gir.weight_bytes(result_model)
+    else:
+        why = "--validate none" if validate == "none" else "no passes to run"
+        report.final = {"status": "not-validated", "reason": why, "metrics": {}}
+
+    report.exit_code = int(_exit_code(report.passes, final_ok, strict, on_fail))
+    report.seconds = round(time.perf_counter() - started, 3)
+    return OptimizeResult(result_model, report)
+
+
+def _loosest(passes: Sequence[Any], applied: Sequence[PassRecord]) -> Tolerance | None:
+    names = {r.name for r in applied}
+    tols = {p.tolerance for p in passes if p.name in names}
+    for t in (Tolerance.LOSSY, Tolerance.APPROXIMATE, Tolerance.EXACT):
+        if t in tols:
+            return t
+    return None
+
+
+def _exit_code(
+    records: Sequence[PassRecord], final_ok: bool, strict: bool, on_fail: str
+) -> ExitCode:
+    if not (strict or on_fail == "stop"):
+        return ExitCode.OK
+    if any(r.status == "failed" for r in records):
+        return ExitCode.PLUGIN_ERROR
+    if any(r.status == "rolled-back" for r in records) or not final_ok:
+        return ExitCode.BUDGET_NOT_MET
+    return ExitCode.OK
+
+
+def _feeds(data: Any, specs: Sequence[Any], what: str) -> list[dict[str, np.ndarray]] | None:
+    if data is None:
+        return None
+    if isinstance(data, str | Path):
+        return load_feeds(data, specs)
+    feeds = [dict(f) for f in data]
+    if not feeds:
+        raise InputError(f"{what}: no samples given")
+    return feeds
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)

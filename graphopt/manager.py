@@ -1,0 +1,261 @@
+"""Runs a pipeline: requirements -> clone -> run -> checks -> commit or roll back.
+
+Each pass runs on ``model.clone()``, a structural copy whose tensors are shared with the
+committed model (onnx_ir clones nodes and values, never weight buffers). Committing makes
+the clone the current model; rolling back drops it. Either way no weight bytes are
+copied, and a pass that crashes half-way cannot leave a torn model behind.
+
+A pass whose result fails validation, raises, returns something that is not a
+:class:`PassResult`, or runs past ``pass_timeout`` is recorded with its figures and
+reason, a reproducer folder is written (model before the pass, the one-pass pipeline,
+the inputs), and the run goes on (``on_fail="rollback"``) or stops (``"stop"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import ir as gir
+from graphopt.context import PassContext
+from graphopt.passes import Pass, PassResult, Tolerance
+from graphopt.pipeline import PassSpec, format_pipeline
+from graphopt.plugins import Registry
+from graphopt.report import PassRecord
+from graphopt.validate import Check, Validator, io_signature, structural
+
+__all__ = ["ManagerOptions", "PassManager"]
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+TAG = "graphopt.pass"
+
+
+@dataclass
+class ManagerOptions:
+    """How the manager reacts to failures and how much it validates."""
+
+    on_fail: str = "rollback"  # or "stop"
+    validate: str = "each"  # each | end | none
+    repro_dir: Path | None = None
+    pass_timeout: float | None = None
+    static_shapes: bool = False  # every input dim is known (fixed or given by --shape)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _call_with_timeout(fn: Callable[[], Any], seconds: float | None) -> Any:
+    """Run ``fn``; with a timeout, in a daemon thread that is abandoned when it overruns.
+
+    The pass works on a clone that is dropped on timeout, so an abandoned thread cannot
+    touch the committed model.
+    """
+    if not seconds:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="graphopt-pass", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise _Timeout(f"did not finish within --pass-timeout {seconds:g}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def _node_names(model: ir.Model) -> set[str]:
+    return {n.name for g in gir.iter_graphs(model.graph) for n in g if n.name}
+
+
+class PassManager:
+    """Runs passes with validation and rollback; produces one :class:`PassRecord` each."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        ctx: PassContext,
+        validator: Validator | None,
+        options: ManagerOptions | None = None,
+        progress: Callable[[int, int, PassRecord], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.ctx = ctx
+        self.validator = validator
+        self.options = options or ManagerOptions()
+        self.progress = progress
+
+    # ------------------------------------------------------------------ helpers
+    def _requirement_gap(self, p: Pass, model: ir.Model) -> str | None:
+        req = p.requires
+        if req.min_opset is not None:
+            have = PassContext.opset(model)
+            if have < req.min_opset:
+                return f"needs opset >= {req.min_opset}, model has {have}"
+        if req.calibration and not self.ctx.calibration:
+            return "needs calibration data (--calibration)"
+        if req.static_shapes and not self.options.static_shapes:
+            return "needs static input shapes (give --shape for every dynamic dimension)"
+        if p.tolerance is Tolerance.LOSSY and self.ctx.budget is None:
+            return "a LOSSY pass needs --budget"
+        return None
+
+    def _write_repro(self, index: int, p: Pass, model: ir.Model, reason: str) -> str | None:
+        root = self.options.repro_dir
+        if root is None:
+            return None
+        folder = Path(root) / f"{index:02d}-{p.name}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            gir.save(model, folder / "model.onnx")
+            spec = format_pipeline([PassSpec(p.name, _explicit_options(p))])
+            (folder / "pipeline.txt").write_text(spec + "\n", encoding="utf-8")
+            (folder / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+            cmd = f'graphopt run model.onnx -o out.onnx -p "{spec}"'
+            if self.validator is not None and self.validator.feeds:
+                feeds = self.validator.feeds
+                np.savez(
+                    folder / "inputs.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]}
+                )
+                cmd += " --inputs inputs.npz"
+            (folder / "README.txt").write_text(
+                f"Pass {p.name!r} ({self.registry.origin(p.name)}) failed: {reason}\n"
+                f"Reproduce with:\n  {cmd}\n",
+                encoding="utf-8",
+            )
+        except OSError as e:
+            log.warning("could not write reproducer to %s: %s", folder, e)
+            return None
+        return str(folder)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, model: ir.Model, passes: Sequence[Pass]) -> tuple[ir.Model, list[PassRecord]]:
+        """Run ``passes`` over a working copy of ``model``; ``model`` itself is not changed."""
+        current = model.clone()
+        signature = io_signature(model)
+        previous: list[Feed] | None = None
+        if self.validator is not None:
+            previous = self.validator.reference
+        records: list[PassRecord] = []
+        stopped_by: str | None = None
+        nodes = gir.count_nodes(current)
+        nbytes = gir.weight_bytes(current)
+        numeric = self.options.validate == "each" and self.validator is not None
+        for index, p in enumerate(passes, 1):
+            rec = PassRecord(
+                name=p.name,
+                plugin=self.registry.origin(p.name),
+                tolerance=str(p.tolerance),
+                nodes_before=nodes,
+                nodes_after=nodes,
+                bytes_before=nbytes,
+                bytes_after=nbytes,
+            )
+            records.append(rec)
+            if stopped_by is not None:
+                rec.status, rec.reason = "skipped", f"run stopped after {stopped_by} failed"
+                self._report(index, len(passes), rec)
+                continue
+            gap = self._requirement_gap(p, current)
+            if gap:
+                rec.status, rec.reason = "skipped", gap
+                self._report(index, len(passes), rec)
+                continue
+            candidate = current.clone()
+            before_names = _node_names(current)
+            start = time.perf_counter()
+            try:
+                result = _call_with_timeout(
+                    lambda p=p, c=candidate: p.run(c, self.ctx), self.options.pass_timeout
+                )
+            except Exception as e:
+                rec.seconds = time.perf_counter() - start
+                kind = "timed out" if isinstance(e, _Timeout) else "raised"
+                rec.status = "failed"
+                rec.reason = f"{kind} {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                if not isinstance(e, _Timeout):
+                    log.debug("pass %s raised:\n%s", p.name, traceback.format_exc())
+                rec.repro = self._write_repro(index, p, current, rec.reason)
+                self._report(index, len(passes), rec)
+                if self.options.on_fail == "stop":
+                    stopped_by = p.name
+                continue
+            rec.seconds = time.perf_counter() - start
+            if not isinstance(result, PassResult):
+                rec.status = "failed"
+                rec.reason = f"run() returned {type(result).__name__}, not graphopt.PassResult"
+                self._report(index, len(passes), rec)
+                if self.options.on_fail == "stop":
+                    stopped_by = p.name
+                continue
+            rec.stats = dict(result.stats)
+            if not result.modified:
+                rec.status = "no-op"
+                self._report(index, len(passes), rec)
+                continue
+            check = self._check(candidate, signature, p.tolerance, previous, numeric)
+            if check.metrics:
+                rec.metrics = {k: m.as_dict() for k, m in check.metrics.items()}
+            if not check.ok:
+                rec.status, rec.reason = "rolled-back", check.reason
+                rec.nodes_after = gir.count_nodes(candidate)
+                rec.bytes_after = gir.weight_bytes(candidate)
+                rec.repro = self._write_repro(index, p, current, check.reason)
+                self._report(index, len(passes), rec)
+                if self.options.on_fail == "stop":
+                    stopped_by = p.name
+                continue
+            # commit
+            for g in gir.iter_graphs(candidate.graph):
+                for node in g:
+                    if node.name and node.name not in before_names:
+                        node.metadata_props.setdefault(TAG, p.name)
+            current = candidate
+            if check.outputs is not None:
+                previous = check.outputs
+            nodes, nbytes = gir.count_nodes(current), gir.weight_bytes(current)
+            rec.status = "applied"
+            rec.nodes_after, rec.bytes_after = nodes, nbytes
+            self._report(index, len(passes), rec)
+        return current, records
+
+    def _check(
+        self,
+        candidate: ir.Model,
+        signature: list[tuple[str, str, str]],
+        tolerance: Tolerance,
+        previous: list[Feed] | None,
+        numeric: bool,
+    ) -> Check:
+        reason, proto = structural(candidate, signature)
+        if reason is not None or proto is None:
+            return Check(False, reason or "cannot serialize")
+        if not numeric or self.validator is None:
+            return Check(True)
+        return self.validator.check(proto, tolerance, previous)
+
+    def _report(self, index: int, total: int, rec: PassRecord) -> None:
+        if self.progress is not None:
+            self.progress(index, total, rec)
+
+
+def _explicit_options(p: Pass) -> dict[str, Any]:
+    return {k: v for k, v in p.config.items() if v != p.options[k].default}

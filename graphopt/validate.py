@@ -1,0 +1,496 @@
+"""The onnxruntime runner, error metrics, budgets and the per-pass checks.
+
+Reference outputs come once from the original model. After each pass the candidate
+model is checked structurally (the ONNX checker, which also rejects nodes out of
+topological order and inputs that no node produces; graph inputs and outputs unchanged)
+and then numerically, by the pass's tolerance class:
+
+* EXACT: every output identical to the model before the pass.
+* APPROXIMATE: every float output within ``|out - ref| <= atol * scale + rtol * |ref|`` of
+  the *original* model (``scale`` = the output's largest magnitude, so error cannot creep
+  in pass by pass); integer and bool outputs identical.
+* LOSSY: the run's ``--budget`` against the original model.
+
+Validation runs onnxruntime with its own graph optimizations off and one thread, so the
+comparison measures graphopt's rewrites, not onnxruntime's, and is deterministic.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphopt import ir as gir
+from graphopt.errors import InputError, PipelineError
+from graphopt.passes import Tolerance
+
+__all__ = [
+    "Budget",
+    "Check",
+    "OutputMetrics",
+    "Runner",
+    "Validator",
+    "compare",
+    "parse_budget",
+]
+
+Feed = dict[str, np.ndarray]
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "generic": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+
+
+def _ort_message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*", "", text)
+    return text[:400]
+
+
+class Runner:
+    """Builds onnxruntime sessions for IR models and runs feeds through them."""
+
+    def __init__(
+        self,
+        target: str = "cpu",
+        *,
+        threads: int = 1,
+        optimize: bool = False,
+        fallback: str | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.target = target
+        self.threads = threads
+        self.optimize = optimize
+        provider = PROVIDERS.get(target)
+        if provider is None:
+            raise InputError(
+                f"unknown target {target!r}", hint=f"use one of {', '.join(PROVIDERS)}"
+            )
+        available = ort.get_available_providers()
+        if provider not in available:
+            if fallback is None:
+                raise InputError(
+                    f"target {target!r} needs onnxruntime's {provider}, which this onnxruntime "
+                    f"does not have (it has {', '.join(available)})",
+                    hint="install the matching onnxruntime package or add --fallback cpu",
+                )
+            provider = PROVIDERS[fallback]
+        self.providers = (
+            [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        )
+
+    def session(self, model: ir.Model | onnx.ModelProto) -> Any:
+        """An InferenceSession for the model; raises RuntimeError with onnxruntime's text."""
+        proto = model if isinstance(model, onnx.ModelProto) else gir.to_proto(model)
+        opts = self._ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = (
+            self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.optimize
+            else self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        try:
+            return self._ort.InferenceSession(
+                proto.SerializeToString(), opts, providers=self.providers
+            )
+        except Exception as e:
+            raise RuntimeError(_ort_message(e)) from e
+
+    def run(self, model: ir.Model | onnx.ModelProto, feeds: Sequence[Feed]) -> list[Feed]:
+        """Run every feed; returns one ``{output name: array}`` per feed."""
+        sess = self.session(model)
+        names = [o.name for o in sess.get_outputs()]
+        results = []
+        for feed in feeds:
+            try:
+                outs = sess.run(names, feed)
+            except Exception as e:
+                raise RuntimeError(_ort_message(e)) from e
+            results.append(dict(zip(names, outs)))
+        return results
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class OutputMetrics:
+    """Error of one output against its reference, over all samples."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    cosine: float = 1.0  # mean of per-sample cosine similarity
+    cosine_min: float = 1.0
+    sqnr: float = float("inf")  # dB
+    top1: float | None = None  # argmax agreement on the last axis, for class-score outputs
+    mismatch: str | None = None  # shape/dtype/NaN mismatch, if any
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "max_abs": _finite(self.max_abs),
+            "max_rel": _finite(self.max_rel),
+            "cosine": round(self.cosine, 9),
+            "cosine_min": round(self.cosine_min, 9),
+            "sqnr_db": _finite(self.sqnr),
+        }
+        if self.top1 is not None:
+            d["top1"] = self.top1
+        if self.mismatch:
+            d["mismatch"] = self.mismatch
+        return d
+
+
+def _finite(x: float) -> float | str:
+    if np.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if np.isnan(x):
+        return "nan"
+    return float(f"{x:.6g}")
+
+
+def _classlike(arr: np.ndarray) -> bool:
+    return arr.dtype.kind == "f" and arr.ndim >= 2 and arr.shape[-1] >= 2
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def compare_output(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> OutputMetrics:
+    """Metrics for one output over all samples."""
+    m = OutputMetrics()
+    cosines = []
+    sig = noise = 0.0
+    agree = total = 0
+    for ref, out in zip(refs, outs):
+        if ref.shape != out.shape:
+            return OutputMetrics(
+                max_abs=float("inf"),
+                max_rel=float("inf"),
+                cosine=0.0,
+                cosine_min=0.0,
+                sqnr=float("-inf"),
+                mismatch=f"shape {out.shape} != {ref.shape}",
+            )
+        if ref.dtype != out.dtype:
+            return OutputMetrics(
+                max_abs=float("inf"),
+                max_rel=float("inf"),
+                cosine=0.0,
+                cosine_min=0.0,
+                sqnr=float("-inf"),
+                mismatch=f"dtype {out.dtype} != {ref.dtype}",
+            )
+        r = ref.astype(np.float64).ravel()
+        o = out.astype(np.float64).ravel()
+        nan_r, nan_o = np.isnan(r), np.isnan(o)
+        if not np.array_equal(nan_r, nan_o):
+            m.mismatch = "NaN positions differ"
+        keep = ~(nan_r | nan_o)
+        r, o = r[keep], o[keep]
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(o - r)
+            diff[np.isnan(diff)] = 0.0  # equal infinities
+        if diff.size:
+            m.max_abs = max(m.max_abs, float(diff.max()))
+            denom = np.maximum(np.abs(r), np.finfo(np.float32).tiny)
+            m.max_rel = max(m.max_rel, float((diff / denom).max()))
+        finite = np.isfinite(r) & np.isfinite(o)
+        cosines.append(_cos(r[finite], o[finite]))
+        sig += float(np.sum(r[finite] ** 2))
+        noise += float(np.sum((o[finite] - r[finite]) ** 2))
+        if _classlike(ref):
+            a = ref.reshape(-1, ref.shape[-1]).argmax(-1)
+            b = out.reshape(-1, out.shape[-1]).argmax(-1)
+            agree += int((a == b).sum())
+            total += a.size
+    if cosines:
+        m.cosine = float(np.mean(cosines))
+        m.cosine_min = float(np.min(cosines))
+    if noise > 0.0:
+        m.sqnr = 10.0 * np.log10(sig / noise) if sig > 0 else float("-inf")
+    if total:
+        m.top1 = agree / total
+    return m
+
+
+def compare(refs: Sequence[Feed], outs: Sequence[Feed]) -> dict[str, OutputMetrics]:
+    """Per-output metrics; outputs missing from ``outs`` get a mismatch."""
+    result = {}
+    for name in refs[0] if refs else ():
+        if any(name not in o for o in outs):
+            result[name] = OutputMetrics(mismatch="output missing", cosine=0.0, cosine_min=0.0)
+            continue
+        result[name] = compare_output([r[name] for r in refs], [o[name] for o in outs])
+    return result
+
+
+# ---------------------------------------------------------------------------- budgets
+
+
+@dataclass(frozen=True)
+class Bound:
+    metric: str
+    op: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+_METRICS = {"cosine": ">=", "top1": ">=", "sqnr": ">=", "maxabs": "<=", "maxrel": "<="}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bounds on the final model's error against the original (``--budget``)."""
+
+    bounds: tuple[Bound, ...]
+
+    def __str__(self) -> str:
+        return ",".join(str(b) for b in self.bounds)
+
+    def violations(self, metrics: dict[str, OutputMetrics]) -> list[str]:
+        """The bounds that ``metrics`` break, as readable strings (empty: within budget)."""
+        broken = []
+        for b in self.bounds:
+            value = worst(metrics, b.metric)
+            if value is None:
+                continue
+            ok = value >= b.value if b.op == ">=" else value <= b.value
+            if not ok:
+                broken.append(f"{b.metric}={value:.6g} (needs {b.op}{b.value:g})")
+        return broken
+
+
+def worst(metrics: dict[str, OutputMetrics], metric: str) -> float | None:
+    """The worst value of one budget metric over all outputs (None if not applicable)."""
+    values: list[float] = []
+    for m in metrics.values():
+        if m.mismatch and m.mismatch != "NaN positions differ":
+            return float("-inf") if _METRICS[metric] == ">=" else float("inf")
+        v = {
+            "cosine": m.cosine,
+            "top1": m.top1,
+            "sqnr": m.sqnr,
+            "maxabs": m.max_abs,
+            "maxrel": m.max_rel,
+        }[metric]
+        if v is not None:
+            values.append(v)
+    if not values:
+        return None
+    return min(values) if _METRICS[metric] == ">=" else max(values)
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse ``"cosine>=0.999,top1>=0.99,sqnr>=30,maxabs<=1e-3"``."""
+    bounds = []
+    for pos, part in _split_with_pos(text):
+        m = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(>=|<=|>|<|=)\s*([-+0-9.eE]+|inf)\s*", part)
+        if not m:
+            raise PipelineError(
+                f"cannot read budget term {part.strip()!r} at column {pos + 1} of {text!r}",
+                hint="write terms like cosine>=0.999,top1>=0.99,sqnr>=30,maxabs<=1e-3",
+            )
+        metric, op, raw = m.group(1).lower(), m.group(2), m.group(3)
+        if metric not in _METRICS:
+            close = difflib.get_close_matches(metric, list(_METRICS), n=1)
+            raise PipelineError(
+                f"unknown budget metric {metric!r} at column {pos + 1}"
+                + (f"; did you mean {close[0]!r}?" if close else ""),
+                hint=f"metrics: {', '.join(_METRICS)}",
+            )
+        want = _METRICS[metric]
+        if op.rstrip("=") != want.rstrip("="):
+            raise PipelineError(
+                f"budget term {part.strip()!r}: {metric} is bounded with {want}",
+                hint=f"write {metric}{want}{raw}",
+            )
+        bounds.append(Bound(metric, want, float(raw)))
+    if not bounds:
+        raise PipelineError("empty --budget", hint="e.g. --budget cosine>=0.999")
+    return Budget(tuple(bounds))
+
+
+def _split_with_pos(text: str) -> list[tuple[int, str]]:
+    parts, start = [], 0
+    for i, ch in enumerate(text + ","):
+        if ch == ",":
+            if text[start:i].strip():
+                parts.append((start, text[start:i]))
+            start = i + 1
+    return parts
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+@dataclass
+class Check:
+    """The outcome of validating one candidate model."""
+
+    ok: bool
+    reason: str = ""
+    metrics: dict[str, OutputMetrics] = field(default_factory=dict)
+    outputs: list[Feed] | None = None
+
+
+def io_signature(model: ir.Model) -> list[tuple[str, str, str]]:
+    """Names and element types of the graph's real inputs and its outputs."""
+    sig = []
+    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+        for v in values:
+            if kind == "input" and v.name in model.graph.initializers:
+                continue
+            sig.append((kind, v.name or "", str(v.dtype)))
+    return sig
+
+
+def structural(
+    model: ir.Model, signature: list[tuple[str, str, str]]
+) -> tuple[str | None, onnx.ModelProto | None]:
+    """None if the model is well-formed with the given IO signature, else the reason;
+    also the serialized proto (reused for the numeric check)."""
+    sig = io_signature(model)
+    if sig != signature:
+        changed = [a for a, b in zip(sig, signature) if a != b]
+        what = changed[0] if changed else f"{len(sig)} instead of {len(signature)}"
+        return f"graph inputs/outputs changed ({what})", None
+    try:
+        proto = gir.to_proto(model)
+    except Exception as e:
+        return f"cannot serialize: {gir.first_line(e)}", None
+    try:
+        if proto.ByteSize() < gir.EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(proto)
+    except Exception as e:
+        return f"ONNX checker: {gir.first_line(e)}", proto
+    return None, proto
+
+
+class Validator:
+    """Checks candidate models against the original (see the module doc)."""
+
+    def __init__(
+        self,
+        original: ir.Model,
+        feeds: Sequence[Feed],
+        runner: Runner,
+        *,
+        rtol: float = 1e-3,
+        atol: float = 1e-4,
+        budget: Budget | None = None,
+    ) -> None:
+        self.runner = runner
+        self.feeds = list(feeds)
+        self.rtol = rtol
+        self.atol = atol
+        self.budget = budget
+        self.reference = runner.run(original, self.feeds)
+
+    # numeric ----------------------------------------------------------------
+    def measure(self, model: ir.Model | onnx.ModelProto) -> Check:
+        """Run the model and measure it against the original (no tolerance applied)."""
+        try:
+            outs = self.runner.run(model, self.feeds)
+        except RuntimeError as e:
+            return Check(False, f"onnxruntime cannot run it: {e}")
+        return Check(True, metrics=compare(self.reference, outs), outputs=outs)
+
+    def check(
+        self,
+        model: ir.Model | onnx.ModelProto,
+        tolerance: Tolerance,
+        previous: Sequence[Feed] | None = None,
+    ) -> Check:
+        """Numeric check of a candidate by tolerance class (see the module doc)."""
+        result = self.measure(model)
+        if not result.ok or result.outputs is None:
+            return result
+        outs = result.outputs
+        if tolerance is Tolerance.EXACT:
+            base = previous if previous is not None else self.reference
+            for name in base[0] if base else ():
+                for i, (b, o) in enumerate(zip(base, outs)):
+                    if name not in o or not _identical(b[name], o[name]):
+                        m = compare_output([b[name]], [o.get(name, np.empty(0))])
+                        return Check(
+                            False,
+                            f"output {name!r} changed (sample {i}, max abs "
+                            f"{m.max_abs:.3g}); an EXACT pass must not change outputs",
+                            result.metrics,
+                            outs,
+                        )
+        elif tolerance is Tolerance.APPROXIMATE:
+            for name in self.reference[0] if self.reference else ():
+                for i, (r, o) in enumerate(zip(self.reference, outs)):
+                    why = self._approx_reason(r[name], o.get(name))
+                    if why:
+                        return Check(
+                            False, f"output {name!r} sample {i}: {why}", result.metrics, outs
+                        )
+        else:
+            if self.budget is None:
+                return Check(False, "a LOSSY pass needs --budget", result.metrics, outs)
+            broken = self.budget.violations(result.metrics)
+            if broken:
+                return Check(False, "budget broken: " + ", ".join(broken), result.metrics, outs)
+        return result
+
+    def _approx_reason(self, ref: np.ndarray, out: np.ndarray | None) -> str | None:
+        if out is None:
+            return "missing"
+        if ref.shape != out.shape or ref.dtype != out.dtype:
+            return f"{out.dtype}{list(out.shape)} instead of {ref.dtype}{list(ref.shape)}"
+        if ref.dtype.kind != "f":
+            return None if np.array_equal(ref, out) else "non-float output changed"
+        if not np.array_equal(np.isnan(ref), np.isnan(out)):
+            return "NaN positions changed"
+        finite = np.isfinite(ref)
+        if not np.array_equal(ref[~finite & ~np.isnan(ref)], out[~finite & ~np.isnan(out)]):
+            return "infinities changed"
+        r = ref[finite].astype(np.float64)
+        o = out[finite].astype(np.float64)
+        if r.size == 0:
+            return None
+        scale = float(np.abs(r).max())
+        allowed = self.atol * max(scale, 1e-30) + self.rtol * np.abs(r)
+        excess = np.abs(o - r) - allowed
+        if np.any(excess > 0):
+            k = int(np.argmax(excess))
+            return (
+                f"|out-ref|={abs(o[k] - r[k]):.3g} at element {k} exceeds "
+                f"atol*scale+rtol*|ref|={allowed[k]:.3g} (rtol={self.rtol:g}, "
+                f"atol={self.atol:g}, scale={scale:.3g})"
+            )
+        return None
+
+
+def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind == "f":
+        return bool(np.array_equal(a, b, equal_nan=True))
+    return bool(np.array_equal(a, b))

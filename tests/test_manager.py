@@ -1,0 +1,324 @@
+"""The pass manager: commit, rollback, reproducers, failures, budgets, exit codes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import graphopt
+from graphopt import ir as gir
+from graphopt.errors import ExitCode, UsageError
+from graphopt.testing import op_types
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+CNN = FIXTURES / "cnn.onnx"
+T = graphopt.Tolerance
+
+
+def _scale_weights(model: ir.Model, factor: float) -> None:
+    """Replace (never mutate) the first Conv's weight by weight * factor."""
+    for node in model.graph:
+        if node.op_type == "Conv":
+            w = node.inputs[1]
+            arr = w.const_value.numpy() * np.float32(factor)
+            w.const_value = ir.tensor(arr.astype(np.float32), name=w.name)
+            return
+
+
+def make_pass(name, tolerance=T.APPROXIMATE, factor=None, *, body=None, level=None, **attrs):
+    def run(self, model, ctx):
+        if body is not None:
+            return body(self, model, ctx)
+        _scale_weights(model, factor)
+        return graphopt.PassResult(True, {"scaled": 1})
+
+    ns = {"name": name, "summary": name, "tolerance": tolerance, "run": run, "level": level}
+    ns.update(attrs)
+    return type(name.replace(".", "_").replace("-", "_"), (graphopt.Pass,), ns)
+
+
+class Plugin:
+    def __init__(self, *classes):
+        self.classes = classes
+        self.__name__ = "testplugin"
+
+    @graphopt.hookimpl
+    def graphopt_register_passes(self, register):
+        for c in self.classes:
+            register(c)
+
+
+def opt(pipeline, *classes, model=CNN, **kw):
+    kw.setdefault("registry", None)
+    return graphopt.optimize(
+        model,
+        pipeline=pipeline,
+        plugins=[Plugin(*classes)],
+        disable_plugins=["cleanup", "fusion"],
+        **kw,
+    )
+
+
+def statuses(result):
+    return [(p.name, p.status) for p in result.report.passes]
+
+
+def test_commit_and_rollback_by_tolerance():
+    tiny = make_pass("t.tiny", T.APPROXIMATE, 1 + 1e-6)
+    tiny_exact = make_pass("t.tiny-exact", T.EXACT, 1 + 1e-6)
+    big = make_pass("t.big", T.APPROXIMATE, 1.5)
+    r = opt("t.tiny-exact,t.big,t.tiny", tiny, tiny_exact, big)
+    assert statuses(r) == [
+        ("t.tiny-exact", "rolled-back"),
+        ("t.big", "rolled-back"),
+        ("t.tiny", "applied"),
+    ]
+    assert "EXACT pass must not change outputs" in r.report.passes[0].reason
+    assert "exceeds" in r.report.passes[1].reason
+    assert r.report.passes[1].metrics["logits"]["max_abs"] > 1e-3
+    assert r.report.passes[2].stats == {"scaled": 1}
+    assert r.report.final["status"] == "ok"
+    assert r.exit_code == ExitCode.OK
+
+
+def test_rollback_copies_no_weight_bytes_and_never_touches_the_input():
+    original = gir.load(CNN)
+    before = gir.to_proto(original).SerializeToString()
+    tensors = {n: v.const_value for n, v in original.graph.initializers.items()}
+    big = make_pass("t.big", T.APPROXIMATE, 1.5)
+    r = opt("t.big", big, model=original)
+    assert statuses(r) == [("t.big", "rolled-back")]
+    # the result shares every weight buffer with the input: nothing was copied
+    for name, value in r.model.graph.initializers.items():
+        assert value.const_value is tensors[name]
+    assert gir.to_proto(original).SerializeToString() == before
+
+
+def test_raising_and_broken_passes_are_contained_and_the_run_goes_on(tmp_path):
+    def boom(self, model, ctx):
+        raise RuntimeError("kaboom")
+
+    def not_a_result(self, model, ctx):
+        return {"modified": True}
+
+    def rename_output(self, model, ctx):
+        model.graph.outputs[0].name = "renamed"
+        return graphopt.PassResult(True)
+
+    def dangling(self, model, ctx):
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        model.graph.remove(relu, safe=False)
+        return graphopt.PassResult(True)
+
+    passes = [
+        make_pass("t.boom", body=boom),
+        make_pass("t.dict", body=not_a_result),
+        make_pass("t.rename", body=rename_output),
+        make_pass("t.dangling", body=dangling),
+        make_pass("t.tiny", T.APPROXIMATE, 1 + 1e-6),
+    ]
+    r = opt("t.boom,t.dict,t.rename,t.dangling,t.tiny", *passes, repro_dir=tmp_path / "repro")
+    assert statuses(r) == [
+        ("t.boom", "failed"),
+        ("t.dict", "failed"),
+        ("t.rename", "rolled-back"),
+        ("t.dangling", "rolled-back"),
+        ("t.tiny", "applied"),
+    ]
+    rec = r.report.passes
+    assert "RuntimeError: kaboom" in rec[0].reason
+    assert "testplugin" in rec[0].plugin
+    assert "not graphopt.PassResult" in rec[1].reason
+    assert "inputs/outputs changed" in rec[2].reason
+    assert rec[3].reason.startswith("ONNX checker")
+    assert r.exit_code == ExitCode.OK
+    assert r.report.final["status"] == "ok"
+
+
+def test_reproducer_folder_reproduces_the_failure(tmp_path):
+    big = make_pass("t.big", T.APPROXIMATE, 1.5, options={"k": graphopt.Option(int, 1)})
+    r = opt("t.big{k=2}", big, repro_dir=tmp_path / "repro", seed=7)
+    folder = Path(r.report.passes[0].repro)
+    assert folder.is_dir()
+    assert (folder / "pipeline.txt").read_text().strip() == "t.big{k=2}"
+    assert "exceeds" in (folder / "reason.txt").read_text()
+    repro_model = onnx.load(folder / "model.onnx")
+    assert repro_model.SerializeToString() == gir.to_proto(gir.load(CNN)).SerializeToString()
+    again = opt(
+        (folder / "pipeline.txt").read_text().strip(),
+        big,
+        model=folder / "model.onnx",
+        inputs=folder / "inputs.npz",
+    )
+    assert statuses(again) == [("t.big", "rolled-back")]
+    assert again.report.passes[0].metrics == r.report.passes[0].metrics
+
+
+def test_lying_no_op_is_discarded():
+    def lie(self, model, ctx):
+        _scale_weights(model, 3.0)
+        return graphopt.PassResult(False)
+
+    r = opt("t.lie", make_pass("t.lie", body=lie))
+    assert statuses(r) == [("t.lie", "no-op")]
+    assert r.report.final["metrics"]["logits"]["max_abs"] == 0.0
+
+
+def test_timeout_is_recorded_as_failed():
+    def slow(self, model, ctx):
+        time.sleep(5)
+        return graphopt.PassResult(False)
+
+    start = time.perf_counter()
+    r = opt(
+        "t.slow,t.tiny",
+        make_pass("t.slow", body=slow),
+        make_pass("t.tiny", T.APPROXIMATE, 1 + 1e-6),
+        pass_timeout=0.3,
+    )
+    assert time.perf_counter() - start < 4
+    assert statuses(r) == [("t.slow", "failed"), ("t.tiny", "applied")]
+    assert "timed out" in r.report.passes[0].reason
+
+
+def test_on_fail_stop_and_strict_set_exit_codes():
+    big = make_pass("t.big", T.APPROXIMATE, 1.5)
+    tiny = make_pass("t.tiny", T.APPROXIMATE, 1 + 1e-6)
+    r = opt("t.big,t.tiny", big, tiny, on_fail="stop")
+    assert statuses(r) == [("t.big", "rolled-back"), ("t.tiny", "skipped")]
+    assert "stopped after t.big" in r.report.passes[1].reason
+    assert r.exit_code == ExitCode.BUDGET_NOT_MET
+
+    r = opt("t.big,t.tiny", big, tiny, strict=True)
+    assert statuses(r) == [("t.big", "rolled-back"), ("t.tiny", "applied")]
+    assert r.exit_code == ExitCode.BUDGET_NOT_MET
+
+    def boom(self, model, ctx):
+        raise ValueError("x")
+
+    r = opt("t.boom", make_pass("t.boom", body=boom), strict=True)
+    assert r.exit_code == ExitCode.PLUGIN_ERROR
+
+
+def test_lossy_passes_obey_the_budget_against_the_original():
+    lossy = make_pass("t.lossy", T.LOSSY, 1.05)
+    with pytest.raises(UsageError, match="needs a --budget"):
+        opt("t.lossy", lossy)
+    r = opt("t.lossy", lossy, budget="cosine>=0.99")
+    assert statuses(r) == [("t.lossy", "applied")]
+    assert r.report.final["status"] == "ok"
+    r = opt("t.lossy", lossy, budget="maxabs<=1e-6")
+    assert statuses(r) == [("t.lossy", "rolled-back")]
+    assert "budget broken: maxabs=" in r.report.passes[0].reason
+    # error cannot creep: each lossy step is measured against the original, so a second
+    # identical step (error ~2x the first vs the original) breaks a budget of 1.5x the first
+    e1 = r_first_maxabs = (
+        opt("t.lossy", lossy, budget="cosine>=0.5").report.passes[0].metrics["logits"]["max_abs"]
+    )
+    assert r_first_maxabs > 0
+    r = opt(
+        "t.lossy,t.lossy2",
+        lossy,
+        make_pass("t.lossy2", T.LOSSY, 1.05),
+        budget=f"maxabs<={1.5 * e1}",
+    )
+    assert statuses(r) == [("t.lossy", "applied"), ("t.lossy2", "rolled-back")]
+
+
+def test_level3_needs_a_budget():
+    with pytest.raises(UsageError, match="-O3"):
+        graphopt.optimize(CNN, level=3, disable_plugins=["cleanup", "fusion"])
+
+
+def test_validate_end_finds_the_culprit_by_rerunning_each():
+    big = make_pass("t.big", T.APPROXIMATE, 1.5)
+    tiny = make_pass("t.tiny", T.APPROXIMATE, 1 + 1e-6)
+    r = opt("t.tiny,t.big", tiny, big, validate="end")
+    assert statuses(r) == [("t.tiny", "applied"), ("t.big", "rolled-back")]
+    assert r.report.final["status"] == "ok"
+    assert "re-validated" in r.report.final["note"]
+
+
+def test_validate_none_still_checks_structure():
+    def dangling(self, model, ctx):
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        model.graph.remove(relu, safe=False)
+        return graphopt.PassResult(True)
+
+    big = make_pass("t.big", T.APPROXIMATE, 1.5)
+    r = opt("t.dangling,t.big", make_pass("t.dangling", body=dangling), big, validate="none")
+    assert statuses(r) == [("t.dangling", "rolled-back"), ("t.big", "applied")]
+    assert r.report.final["status"] == "not-validated"
+
+
+def test_requirements_skip_in_presets_and_error_when_named():
+    needs_17 = make_pass(
+        "t.new", T.APPROXIMATE, 1 + 1e-6, level=1, requires=graphopt.Requirements(min_opset=99)
+    )
+    needs_data = make_pass(
+        "t.data", T.APPROXIMATE, 1 + 1e-6, level=1, requires=graphopt.Requirements(calibration=True)
+    )
+    r = graphopt.optimize(
+        CNN, level=1, plugins=[Plugin(needs_17, needs_data)], disable_plugins=["cleanup", "fusion"]
+    )
+    got = {p.name: (p.status, p.reason) for p in r.report.passes}
+    assert got["t.new"] == ("skipped", "needs opset >= 99, model has 17")
+    assert got["t.data"][0] == "skipped" and "--calibration" in got["t.data"][1]
+    with pytest.raises(UsageError, match="needs calibration data"):
+        opt("t.data", needs_data)
+    feeds = [{"input": np.zeros((1, 3, 32, 32), np.float32)}]
+    r = opt("t.data", needs_data, calibration=feeds)
+    assert statuses(r) == [("t.data", "applied")]
+
+
+def test_new_nodes_are_tagged_with_their_pass():
+    def add_identity(self, model, ctx):
+        out = model.graph.outputs[0]
+        producer = out.producer()
+        new_val = ir.Value(name="pre_logits", shape=out.shape, type=out.type)
+        producer.outputs[0].name = "pre_logits_tmp"
+        node = ir.Node("", "Identity", [producer.outputs[0]], name="tagged_identity")
+        model.graph.append(node)
+        node.outputs[0].name = "logits"
+        node.outputs[0].shape, node.outputs[0].type = out.shape, out.type
+        model.graph.outputs[0] = node.outputs[0]
+        del new_val
+        return graphopt.PassResult(True)
+
+    r = opt("t.ident", make_pass("t.ident", T.EXACT, body=add_identity))
+    assert statuses(r) == [("t.ident", "applied")]
+    tagged = [n for n in r.model.graph if n.name == "tagged_identity"]
+    assert tagged and tagged[0].metadata_props["graphopt.pass"] == "t.ident"
+    assert op_types(r.model)[-1] == "Identity"
+
+
+def test_optimize_accepts_proto_and_ir_and_leaves_them_alone():
+    proto = onnx.load(CNN)
+    snapshot = proto.SerializeToString()
+    tiny = make_pass("t.tiny", T.APPROXIMATE, 1 + 1e-6)
+    r1 = opt("t.tiny", tiny, model=proto)
+    assert proto.SerializeToString() == snapshot
+    model = ir.serde.deserialize_model(proto)
+    r2 = opt("t.tiny", tiny, model=model)
+    assert (
+        gir.to_proto(model).SerializeToString()
+        == gir.to_proto(ir.serde.deserialize_model(proto)).SerializeToString()
+    )
+    assert isinstance(r1.model_proto, onnx.ModelProto)
+    assert r1.model_proto.SerializeToString() == r2.model_proto.SerializeToString()
+
+
+def test_save_is_atomic_and_round_trips(tmp_path):
+    tiny = make_pass("t.tiny", T.APPROXIMATE, 1 + 1e-6)
+    r = opt("t.tiny", tiny)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"old content")
+    r.save(out)
+    assert onnx.load(out).SerializeToString() == r.model_proto.SerializeToString()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+    assert r.report.output == str(out)

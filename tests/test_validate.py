@@ -1,0 +1,65 @@
+"""Metrics against hand-computed values, budgets, the tolerance checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from graphopt.errors import PipelineError
+from graphopt.validate import compare, compare_output, parse_budget
+
+
+def test_metrics_match_hand_computed_values():
+    ref = np.array([[3.0, 4.0, 0.0]], np.float32)
+    out = np.array([[3.0, 4.0, 1.0]], np.float32)
+    m = compare_output([ref], [out])
+    assert m.max_abs == pytest.approx(1.0)
+    assert m.cosine == pytest.approx(25 / (5 * math.sqrt(26)))
+    assert m.sqnr == pytest.approx(10 * math.log10(25 / 1))
+    assert m.top1 == 1.0  # argmax 4.0 in both
+    assert m.mismatch is None
+
+
+def test_top1_counts_disagreements_per_row():
+    ref = np.array([[1, 2], [2, 1], [0, 5], [5, 0]], np.float32)
+    out = np.array([[1, 2], [1, 2], [0, 5], [5, 0]], np.float32)
+    assert compare_output([ref], [out]).top1 == 0.75
+    assert compare_output([ref[:, :1]], [out[:, :1]]).top1 is None  # one class: not class scores
+
+
+def test_shape_and_dtype_mismatches_are_reported():
+    a = np.zeros((1, 3), np.float32)
+    assert "shape" in compare_output([a], [np.zeros((1, 4), np.float32)]).mismatch
+    assert "dtype" in compare_output([a], [a.astype(np.float16)]).mismatch
+    missing = compare([{"y": a}], [{"z": a}])
+    assert missing["y"].mismatch == "output missing"
+
+
+def test_budget_parsing_and_violations():
+    b = parse_budget("cosine>=0.999, top1>=0.99,sqnr>=30,maxabs<=1e-3")
+    assert str(b) == "cosine>=0.999,top1>=0.99,sqnr>=30,maxabs<=0.001"
+    ref = np.array([[1.0, 2.0, 3.0]], np.float32)
+    close = compare([{"y": ref}], [{"y": ref + 1e-4}])
+    assert b.violations(close) == []
+    far = compare([{"y": ref}], [{"y": ref[:, ::-1].copy()}])
+    broken = b.violations(far)
+    assert any(v.startswith("cosine=") for v in broken)
+    assert any(v.startswith("top1=0") for v in broken)
+    assert any(v.startswith("maxabs=2") for v in broken)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("cosin>=0.9", "did you mean 'cosine'"),
+        ("cosine<=0.9", "bounded with >="),
+        ("maxabs>=1", "bounded with <="),
+        ("cosine>=x", "cannot read budget term"),
+        ("", "empty"),
+    ],
+)
+def test_bad_budgets_are_clear(text, match):
+    with pytest.raises(PipelineError, match=match):
+        parse_budget(text)
