@@ -8,7 +8,9 @@ print(result.report.to_json())
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,8 +73,7 @@ def _load_model(model: ModelLike) -> tuple[ir.Model, str]:
     if isinstance(model, ir.Model):
         return model, "<onnx_ir.Model>"
     if isinstance(model, onnx.ModelProto):
-        gir.check_proto(model, "<onnx.ModelProto>")
-        return gir.from_proto(model, "<onnx.ModelProto>"), "<onnx.ModelProto>"
+        return gir.checked_model(model, "<onnx.ModelProto>"), "<onnx.ModelProto>"
     if isinstance(model, str | Path):
         return gir.load(model), str(model)
     raise UsageError(
@@ -220,24 +221,27 @@ def optimize(
         for spec in specs_in
     )
 
+    _check_shape_names(shape_map, specs_in)
     validator = None
     warnings: list[str] = []
-    if validate != "none" and passes:
-        feeds = _feeds(inputs, specs_in, "inputs")
-        if feeds is None:
-            feeds = synthesize(specs_in, shape_map, seed=seed, samples=samples)
-            if lossy:
-                warnings.append(
-                    "LOSSY passes are validated on synthetic inputs; pass --inputs "
-                    "with held-out data for a meaningful budget"
-                )
-        try:
+    try:
+        if validate != "none" and passes:
+            feeds = _feeds(inputs, specs_in, "inputs")
+            if feeds is None:
+                feeds = synthesize(specs_in, shape_map, seed=seed, samples=samples)
+                if lossy:
+                    warnings.append(
+                        "LOSSY passes are validated on synthetic inputs; pass --inputs "
+                        "with held-out data for a meaningful budget"
+                    )
             validator = Validator(ir_model, feeds, runner, rtol=rtol, atol=atol, budget=budget)
-        except RuntimeError as e:
-            raise InputError(
-                f"onnxruntime cannot run {source}: {e}",
-                hint=f"check the opset and ops are supported by onnxruntime {_ort_version()}",
-            ) from e
+        else:
+            runner.session(ir_model)  # even unvalidated, the model must load in onnxruntime
+    except RuntimeError as e:
+        raise InputError(
+            f"onnxruntime cannot run {source}: {e}{_name_node(ir_model, str(e))}",
+            hint=f"check the opset and ops are supported by onnxruntime {_ort_version()}",
+        ) from e
 
     ctx = PassContext(
         target=target, seed=seed, budget=budget, validator=validator, calibration=calib
@@ -358,6 +362,43 @@ def _feeds(data: Any, specs: Sequence[Any], what: str) -> list[dict[str, np.ndar
     if not feeds:
         raise InputError(f"{what}: no samples given")
     return feeds
+
+
+def _check_shape_names(shape_map: Mapping[str, tuple[int, ...]], specs: Sequence[Any]) -> None:
+    """Every --shape name must be a graph input or a symbolic dim (which takes one size)."""
+    inputs = {s.name for s in specs}
+    dims = {d for s in specs for d in (s.shape or ()) if isinstance(d, str)}
+    for name, dims_given in shape_map.items():
+        if name in inputs:
+            continue
+        if name in dims:
+            if len(dims_given) != 1:
+                raise UsageError(
+                    f"--shape {name}= names a symbolic dimension, which takes one size",
+                    hint=f"write --shape {name}=N",
+                )
+            continue
+        close = difflib.get_close_matches(name, sorted(inputs | dims), n=1)
+        raise UsageError(
+            f"--shape {name}= names no input or symbolic dimension of the model"
+            + (f"; did you mean {close[0]!r}?" if close else ""),
+            hint=f"inputs: {', '.join(sorted(inputs))}"
+            + (f"; symbolic dims: {', '.join(sorted(dims))}" if dims else ""),
+        )
+
+
+def _name_node(model: ir.Model, message: str) -> str:
+    """' (node NAME)' for the first node of the op onnxruntime complains about, if found."""
+    m = re.search(r"(?:([\w.]+):)?(\w+)\(-?\d+\) is not a registered", message)
+    if not m:
+        return ""
+    op = m.group(2)
+    domains = {m.group(1)} if m.group(1) else {"", "ai.onnx"}
+    for graph in gir.iter_graphs(model.graph):
+        for node in graph:
+            if node.op_type == op and node.domain in domains:
+                return f" (node {node.name!r})" if node.name else ""
+    return ""
 
 
 def _ort_version() -> str:

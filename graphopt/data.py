@@ -38,7 +38,11 @@ class InputSpec:
     shape: tuple[int | str | None, ...] | None
 
     def describe(self) -> str:
-        dims = "?" if self.shape is None else "x".join(str(d) for d in self.shape)
+        dims = (
+            "?"
+            if self.shape is None
+            else "x".join("?" if d is None else str(d) for d in self.shape)
+        )
         return f"{self.name}: {self.dtype} [{dims}]"
 
 
@@ -166,13 +170,34 @@ def synthesize(
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("it holds a single array (.npy), not arrays keyed by input name")
+        with loaded as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(
             f"cannot read {path} as .npz ({e})",
             hint="write it with numpy.savez(path, **{input_name: array})",
         ) from e
+
+
+def _check_sample(name: str, arr: np.ndarray, spec: InputSpec, source: Path) -> np.ndarray:
+    """One sample must have the input's rank and its fixed dims (onnxruntime would otherwise
+    blame the model)."""
+    if spec.shape is None:
+        return arr
+    if arr.ndim != len(spec.shape) or any(
+        isinstance(want, int) and want != got for want, got in zip(spec.shape, arr.shape)
+    ):
+        raise InputError(
+            f"array {name!r} in {source} gives samples of shape "
+            f"{'x'.join(str(d) for d in arr.shape) or 'scalar'}, which input {spec.describe()} "
+            "cannot take",
+            hint=f"a {len(spec.shape)}-axis array is split on axis 0 (arr[i:i+1]), a "
+            f"{len(spec.shape) + 1}-axis one is indexed (arr[i])",
+        )
+    return arr
 
 
 def _cast(name: str, arr: np.ndarray, spec: InputSpec, source: Path) -> np.ndarray:
@@ -186,7 +211,9 @@ def _cast(name: str, arr: np.ndarray, spec: InputSpec, source: Path) -> np.ndarr
     )
 
 
-def load_feeds(path: str | Path, specs: Sequence[InputSpec], *, limit: int | None = None) -> list[Feed]:
+def load_feeds(
+    path: str | Path, specs: Sequence[InputSpec], *, limit: int | None = None
+) -> list[Feed]:
     """Read feeds from an ``.npz`` file or a directory of them (see the module doc)."""
     p = Path(path)
     if not p.exists():
@@ -200,7 +227,12 @@ def load_feeds(path: str | Path, specs: Sequence[InputSpec], *, limit: int | Non
         for f in files[:limit]:
             arrays = _read_npz(f)
             _check_names(arrays, by_name, f)
-            feeds.append({n: _cast(n, a, by_name[n], f) for n, a in arrays.items()})
+            feeds.append(
+                {
+                    n: _check_sample(n, _cast(n, a, by_name[n], f), by_name[n], f)
+                    for n, a in arrays.items()
+                }
+            )
         return feeds
     arrays = _read_npz(p)
     _check_names(arrays, by_name, p)
@@ -222,6 +254,11 @@ def load_feeds(path: str | Path, specs: Sequence[InputSpec], *, limit: int | Non
             hint="every array's first axis counts the samples",
         )
     n = counts.pop()
+    if n == 0:
+        raise InputError(
+            f"arrays in {p} hold no samples (first axis is 0)",
+            hint="every array's first axis counts the samples",
+        )
     if limit is not None:
         n = min(n, limit)
     feeds = []
@@ -230,12 +267,15 @@ def load_feeds(path: str | Path, specs: Sequence[InputSpec], *, limit: int | Non
         for name, arr in arrays.items():
             spec = by_name[name]
             indexed = spec.shape is not None and arr.ndim == len(spec.shape) + 1
-            feed[name] = _cast(name, arr[i] if indexed else arr[i : i + 1], spec, p)
+            sample = _cast(name, arr[i] if indexed else arr[i : i + 1], spec, p)
+            feed[name] = _check_sample(name, sample, spec, p)
         feeds.append(feed)
     return feeds
 
 
-def _check_names(arrays: Mapping[str, np.ndarray], by_name: Mapping[str, InputSpec], src: Path) -> None:
+def _check_names(
+    arrays: Mapping[str, np.ndarray], by_name: Mapping[str, InputSpec], src: Path
+) -> None:
     unknown = sorted(set(arrays) - set(by_name))
     if unknown:
         raise InputError(

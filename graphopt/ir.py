@@ -10,6 +10,7 @@ leaves a torn file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ __all__ = [
     "to_proto",
     "weight_bytes",
 ]
+
+log = logging.getLogger(__name__)
 
 # Protobuf cannot serialize a message over 2 GiB; past this, tensors go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -121,7 +124,9 @@ def read_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
 def check_proto(proto: onnx.ModelProto, source: str, path: Path | None = None) -> None:
     """Run the ONNX checker; raise InputError with the checker's first line."""
     try:
-        if path is not None and proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        # By path when there is one: only then does the checker look for external data
+        # files in the model's folder (checking the proto looks in the cwd).
+        if path is not None:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(proto)
@@ -132,20 +137,59 @@ def check_proto(proto: onnx.ModelProto, source: str, path: Path | None = None) -
         ) from e
 
 
+_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def _corrupt_field(msg: Any, path: str) -> str | None:
+    """The first field the ONNX checker lets through but onnx_ir cannot serialize back:
+    a string that is not UTF-8 (protobuf hands it over as bytes) or a tensor data type
+    that does not exist. Both come from corrupt files (a flipped byte)."""
+    for field, value in msg.ListFields():
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:  # protobuf < 5
+            repeated = field.label == field.LABEL_REPEATED
+        values = value if repeated else (value,)
+        if field.type == field.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in values):
+                return f"{path}.{field.name} is not valid UTF-8"
+        elif field.type == field.TYPE_MESSAGE:
+            for i, v in enumerate(values):
+                found = _corrupt_field(v, f"{path}.{field.name}" + (f"[{i}]" if repeated else ""))
+                if found:
+                    return found
+        elif (
+            field.name == "data_type"
+            and isinstance(msg, onnx.TensorProto)
+            and value not in _DATA_TYPES
+        ):
+            return f"{path}.data_type is {value}, not an ONNX data type"
+    return None
+
+
 def from_proto(proto: onnx.ModelProto, source: str, base_dir: Path | None = None) -> ir.Model:
     """Deserialize a ModelProto into onnx_ir, with a clear error for unsupported content."""
+    corrupt = _corrupt_field(proto, "model")
+    if corrupt:
+        raise InputError(
+            f"{source} is not a readable ONNX model (corrupt field: {corrupt})",
+            hint="check that the file is a complete .onnx export, not damaged in transfer",
+        )
     try:
         model = ir.serde.deserialize_model(proto)
-    except NotImplementedError as e:
+    except Exception as e:
+        # onnx_ir wraps the NotImplementedError of an unsupported type in SerdeErrors.
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, NotImplementedError):
+            cause = cause.__cause__
+        if cause is None:
+            raise InputError(
+                f"{source} cannot be read as an ONNX graph ({first_line(e)})",
+                hint="run onnx.checker on it and re-export",
+            ) from e
         raise InputError(
-            f"{source} uses a feature graphopt cannot load yet ({first_line(e)}); "
+            f"{source} uses a feature graphopt cannot load yet ({first_line(cause)}); "
             "typically an ONNX-ML map/sequence output such as ZipMap",
             hint="export without ZipMap (e.g. skl2onnx options {'zipmap': False})",
-        ) from e
-    except Exception as e:
-        raise InputError(
-            f"{source} cannot be read as an ONNX graph ({first_line(e)})",
-            hint="run onnx.checker on it and re-export",
         ) from e
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, str(base_dir))
@@ -157,9 +201,38 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     p = Path(path)
     proto = read_proto(p)
     _check_external_data(proto, p.parent)
-    check_proto(proto, str(p), p)
-    model = from_proto(proto, str(p), p.parent)
-    return model
+    return checked_model(proto, str(p), p)
+
+
+def _only_order_is_wrong(graph: onnx.GraphProto) -> bool:
+    """Whether every node input of the main graph is produced somewhere in it."""
+    known = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    known |= {o for n in graph.node for o in n.output}
+    return all(not i or i in known for n in graph.node for i in n.input)
+
+
+def checked_model(proto: onnx.ModelProto, source: str, path: Path | None = None) -> ir.Model:
+    """Check a ModelProto and deserialize it.
+
+    A graph whose only fault is node order (some exporters write nodes out of order) is
+    sorted topologically instead of refused; anything else the checker rejects is an
+    InputError.
+    """
+    base_dir = path.parent if path is not None else None
+    try:
+        check_proto(proto, source, path)
+    except InputError as e:
+        if "topologically sorted" not in str(e) or not _only_order_is_wrong(proto.graph):
+            raise
+        model = from_proto(proto, source, base_dir)
+        ir.passes.common.TopologicalSortPass()(model)
+        try:
+            onnx.checker.check_model(to_proto(model))
+        except Exception:
+            raise e from None
+        log.warning("%s was not in topological order; graphopt sorted its nodes", source)
+        return model
+    return from_proto(proto, source, base_dir)
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -198,22 +271,45 @@ def to_proto(model: ir.Model, *, inline_external: bool = True) -> onnx.ModelProt
     """Serialize to a ModelProto; by default external tensors are read in (small models)."""
     proto = ir.serde.serialize_model(model)
     if inline_external:
+        bases: dict[str, str] | None = None
         for graph in _iter_proto_graphs(proto.graph):
-            for tensor in graph.initializer:
+            # Constant-node tensors too: onnx.save_model(convert_attribute=True) moves them out.
+            tensors = list(graph.initializer)
+            for node in graph.node:
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        tensors.append(attr.t)
+                    elif attr.type == onnx.AttributeProto.TENSORS:
+                        tensors.extend(attr.tensors)
+            for tensor in tensors:
                 if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    base = _external_base_dir(model, tensor.name)
+                    if bases is None:
+                        bases = _external_base_dirs(model)
+                    info = {e.key: e.value for e in tensor.external_data}
+                    base = bases.get(info.get("location", ""), ".")
                     onnx.external_data_helper.load_external_data_for_tensor(tensor, base)
-                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    tensor.ClearField("data_location")  # as if never external (fingerprint)
                     del tensor.external_data[:]
     return proto
 
 
-def _external_base_dir(model: ir.Model, name: str) -> str:
+def _external_base_dirs(model: ir.Model) -> dict[str, str]:
+    """Data file location -> base folder, for every external tensor of the model."""
+    bases: dict[str, str] = {}
     for graph in iter_graphs(model.graph):
-        value = graph.initializers.get(name)
-        if value is not None and isinstance(value.const_value, ir.ExternalTensor):
-            return value.const_value.base_dir
-    return "."
+        tensors = [v.const_value for v in graph.initializers.values()]
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.is_ref():
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    tensors.append(attr.as_tensor())
+                elif attr.type == ir.AttributeType.TENSORS:
+                    tensors.extend(attr.as_tensors())
+        for t in tensors:
+            if isinstance(t, ir.ExternalTensor):
+                bases.setdefault(str(t.location), str(t.base_dir))
+    return bases
 
 
 def fingerprint(model: ir.Model | onnx.ModelProto) -> str:
@@ -223,7 +319,9 @@ def fingerprint(model: ir.Model | onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
-def save(model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> list[Path]:
+def save(
+    model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None
+) -> list[Path]:
     """Write ``model`` to ``path`` atomically; returns the files written.
 
     Args:

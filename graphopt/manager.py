@@ -82,8 +82,8 @@ def _call_with_timeout(fn: Callable[[], Any], seconds: float | None) -> Any:
     return box.get("result")
 
 
-def _node_names(model: ir.Model) -> set[str]:
-    return {n.name for g in gir.iter_graphs(model.graph) for n in g if n.name}
+def _nodes(model: ir.Model) -> set[ir.Node]:
+    return {n for g in gir.iter_graphs(model.graph) for n in g}
 
 
 class PassManager:
@@ -180,7 +180,7 @@ class PassManager:
                 self._report(index, len(passes), rec)
                 continue
             candidate = current.clone()
-            before_names = _node_names(current)
+            before_nodes = _nodes(candidate)
             start = time.perf_counter()
             try:
                 result = _call_with_timeout(
@@ -224,10 +224,9 @@ class PassManager:
                     stopped_by = p.name
                 continue
             # commit
-            for g in gir.iter_graphs(candidate.graph):
-                for node in g:
-                    if node.name and node.name not in before_names:
-                        node.metadata_props.setdefault(TAG, p.name)
+            # tag what this pass created (a rewriter may have copied an older tag over)
+            for node in _nodes(candidate) - before_nodes:
+                node.metadata_props[TAG] = p.name
             current = candidate
             if check.outputs is not None:
                 previous = check.outputs

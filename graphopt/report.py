@@ -141,7 +141,11 @@ def _note(p: PassRecord) -> str:
     if p.reason:
         return p.reason if len(p.reason) <= 90 else p.reason[:87] + "..."
     if p.stats:
-        items = [f"{k}={v}" for k, v in p.stats.items() if isinstance(v, int | float | str)]
+        items = [
+            f"{k}={v}"
+            for k, v in p.stats.items()
+            if isinstance(v, int | float | str) and not isinstance(v, bool) and v not in (0, "")
+        ]
         return ", ".join(items[:4])
     return ""
 

@@ -52,10 +52,20 @@ PROVIDERS = {
 }
 
 
+_CPP_LOCATION = re.compile(r"/\S+\.(?:cc|cpp|h|hpp):\d+\s+")
+_CPP_SIGNATURE = re.compile(r"^[^()]*::[^()]*\((?:[^()]|\([^()]*\))*\)\s*(?:const\s*)?")
+
+
 def _ort_message(exc: BaseException) -> str:
+    """onnxruntime's error text without its error-code prefix, C++ source path and
+    function signature, so the sentence that names the problem survives the length cap."""
     text = " ".join(str(exc).split())
     text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*", "", text)
-    return text[:400]
+    m = _CPP_LOCATION.search(text)
+    if m:
+        head, tail = text[: m.start()], _CPP_SIGNATURE.sub("", text[m.end() :])
+        text = (head + tail).strip()
+    return text[:600]
 
 
 class Runner:
@@ -358,13 +368,14 @@ class Check:
 
 
 def io_signature(model: ir.Model) -> list[tuple[str, str, str]]:
-    """Names and element types of the graph's real inputs and its outputs."""
+    """Names and element types of the graph's inputs and outputs.
+
+    Initializers listed as graph inputs count too: callers may override them, so a pass
+    must not drop them from the interface.
+    """
     sig = []
     for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
-        for v in values:
-            if kind == "input" and v.name in model.graph.initializers:
-                continue
-            sig.append((kind, v.name or "", str(v.dtype)))
+        sig.extend((kind, v.name or "", str(v.dtype)) for v in values)
     return sig
 
 

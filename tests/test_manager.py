@@ -283,6 +283,7 @@ def test_new_nodes_are_tagged_with_their_pass():
         new_val = ir.Value(name="pre_logits", shape=out.shape, type=out.type)
         producer.outputs[0].name = "pre_logits_tmp"
         node = ir.Node("", "Identity", [producer.outputs[0]], name="tagged_identity")
+        node.metadata_props["graphopt.pass"] = "stale"  # as a rewriter copying old metadata
         model.graph.append(node)
         node.outputs[0].name = "logits"
         node.outputs[0].shape, node.outputs[0].type = out.shape, out.type

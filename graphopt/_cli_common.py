@@ -1,0 +1,87 @@
+"""Pieces shared by the CLI modules: logging set-up, error handling, common options."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from graphopt.errors import ExitCode, GraphoptError
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("graphopt: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+    logging.getLogger("graphopt").setLevel(level)
+    logging.getLogger("graphopt_plugins").setLevel(level)
+
+
+def _fail(message: str, code: ExitCode) -> None:
+    click.echo(f"graphopt: error: {message}", err=True)
+    sys.exit(int(code))
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn graphopt's errors into one line + exit code; anything else into exit 4."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = kwargs.get("verbose", 0)
+        try:
+            return fn(*args, **kwargs)
+        except GraphoptError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; no output written", ExitCode.INTERNAL_ERROR)
+        except MemoryError:
+            _fail(
+                "out of memory; try --validate end or a machine with more memory",
+                ExitCode.INTERNAL_ERROR,
+            )
+        except Exception as e:
+            if verbose:
+                traceback.print_exc()
+            msg = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+            _fail(
+                f"internal error ({msg}); rerun with -v for the traceback and report it",
+                ExitCode.INTERNAL_ERROR,
+            )
+
+    return wrapper
+
+
+verbose_option = click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Write JSON to stdout.")
+target_option = click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda", "tensorrt", "openvino", "generic"]),
+    default="cpu",
+    show_default=True,
+    help="Execution provider for validation; 'generic' = standard ONNX only, no contrib ops.",
+)
+shape_option = click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=DIMS",
+    help="Size of dynamic dims: input=1x3x224x224 or a symbolic dim, batch=1. Repeatable.",
+)
+disable_option = click.option(
+    "--disable-plugin",
+    "disable_plugins",
+    multiple=True,
+    metavar="NAME",
+    help="Skip an entry-point plugin by name. Repeatable.",
+)
