@@ -1,0 +1,112 @@
+"""``cse``: common subexpression elimination, subgraphs included.
+
+The work is done by onnx_ir's ``CommonSubexpressionEliminationPass``
+(onnx_ir.passes.common): one forward walk that keys every node by (op, inputs,
+attributes) and replaces a repeat by the first occurrence. When the dropped node fed a
+graph output, the library renames the kept value to the output's name, or inserts an
+Identity when the kept value is itself a graph input or output, so output names stay.
+It skips If/Loop/Scan nodes, random ops and Constant tensors over ``size_limit`` elements.
+
+Our own code, for what the library lacks (onnx_ir 1.1):
+
+* The library only walks the main graph; we run it on every If/Loop/Scan body too, by
+  handing it each subgraph wrapped in a throw-away ``ir.Model``. Function bodies are not
+  processed (the library cannot take them).
+* The library compares float attributes with ``==``, so ``Constant(value_float=0.0)`` and
+  ``Constant(value_float=-0.0)`` count as equal and are merged (1/x then flips sign: not
+  EXACT). Before the walk we give every node with a negative-zero float attribute a
+  temporary attribute spelling its float attributes with ``repr`` (which tells -0.0 from
+  0.0), and remove it afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+
+import graphopt
+from graphopt import ir as gir
+
+from ._common import check_io_names, graph_likes, io_names, node_count
+
+__all__ = ["CommonSubexpressionElimination"]
+
+_TAG = "graphopt.cse.float_signs"
+
+
+def _is_negative_zero(x: object) -> bool:
+    return isinstance(x, float) and x == 0.0 and math.copysign(1.0, x) < 0
+
+
+def _float_sign_tag(node: ir.Node) -> str | None:
+    """The repr of the node's float attributes if any holds -0.0, else None."""
+    parts = []
+    negative_zero = False
+    for key, attr in sorted(node.attributes.items()):
+        if attr.is_ref():
+            continue
+        if attr.type == ir.AttributeType.FLOAT:
+            values = [attr.value]
+        elif attr.type == ir.AttributeType.FLOATS:
+            values = list(attr.value)
+        else:
+            continue
+        negative_zero = negative_zero or any(_is_negative_zero(v) for v in values)
+        parts.append(f"{key}={values!r}")
+    return ";".join(parts) if negative_zero else None
+
+
+def _tag_negative_zeros(graph: ir.Graph) -> list[ir.Node]:
+    tagged = []
+    for node in graph:
+        tag = _float_sign_tag(node)
+        if tag is not None:
+            node.attributes[_TAG] = ir.AttrString(_TAG, tag)
+            tagged.append(node)
+    return tagged
+
+
+def _identity_count(model: ir.Model) -> int:
+    return sum(1 for g in graph_likes(model) for n in g
+               if n.op_type == "Identity" and n.domain in ("", "ai.onnx"))
+
+
+class CommonSubexpressionElimination(graphopt.Pass):
+    name = "cse"
+    summary = "Merge repeated computations (same op, inputs and attributes), subgraphs included"
+    tolerance = graphopt.Tolerance.EXACT
+    level = 1
+    order = (30, 920)
+    options = {
+        "size_limit": graphopt.Option(
+            int, 10, "largest Constant tensor (elements) compared for merging"),
+    }
+
+    def run(self, model: ir.Model, ctx: graphopt.PassContext) -> graphopt.PassResult:
+        before_io = io_names(model)
+        before = node_count(model)
+        identities = _identity_count(model)
+        cse = CommonSubexpressionEliminationPass(size_limit=self.config["size_limit"])
+        modified = False
+        graphs = 0
+        # Main graph first; its subgraphs survive (the library never merges If/Loop/Scan).
+        for graph in list(gir.iter_graphs(model.graph)):
+            tagged = _tag_negative_zeros(graph)
+            try:
+                target = model if graph is model.graph else ir.Model(
+                    graph, ir_version=model.ir_version)
+                modified |= bool(cse(target).modified)
+            finally:
+                for node in tagged:
+                    node.attributes.pop(_TAG, None)
+            graphs += 1
+        check_io_names(before_io, model, "onnx_ir CommonSubexpressionEliminationPass")
+        # The library inserts an Identity when a merged value and its twin are both graph
+        # outputs (an output must be named on its own), so count those as merges too.
+        added = _identity_count(model) - identities
+        removed = before - node_count(model)
+        return graphopt.PassResult(modified=modified, stats={
+            "nodes_merged": removed + added, "identities_added": added,
+            "nodes_removed": removed, "graphs": graphs})
