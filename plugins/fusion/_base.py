@@ -1,0 +1,505 @@
+"""Shared machinery of the fusion passes: rule descriptors, the pass base class, near misses.
+
+A fusion pass is data: a list of :class:`FusionRule`, each wrapping one or more onnxscript
+``RewriteRule`` objects (commuted variants, alternative shapes of the same pattern) under
+one stats name. :class:`FusionPass` applies the rules one after another, each over the
+whole model (subgraphs included, which onnxscript's rule sets recurse into), until a round
+changes nothing; it counts matches per rule, drops the weights and Constant nodes that the
+rewrites orphaned, and removes the Identity nodes its rules produced where they are not
+graph outputs.
+
+Near misses come from onnxscript's matching tracer, run (on a clone) over the model after
+the pass: a rule whose pattern matched structurally but whose check failed gives its
+check's reason; a pattern that matched every node but could not be replaced because an
+intermediate value has other consumers gives the consumer count.
+
+Checks raise :class:`Skip` for "not a candidate at all" (a residual Add whose other operand
+is a tensor, not a constant), which is not reported as a near miss, and
+:class:`~onnxscript.rewriter._basics.MatchFailureError` (via :func:`fail`) for real near
+misses with a specific reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript.optimizer
+from onnxscript.rewriter import _basics
+from onnxscript.rewriter._rewrite_rule import (
+    RULE_NAME_TAG,
+    RewriteRule,
+    RewriteRuleClassBase,
+    RewriteRuleSet,
+)
+
+import graphopt
+from graphopt import ir as gir
+from graphopt.context import PassContext
+
+__all__ = [
+    "Env",
+    "FusionPass",
+    "FusionRule",
+    "Rule",
+    "Skip",
+    "const",
+    "fail",
+    "nonconst_reason",
+    "opset_of",
+]
+
+_SKIP_PREFIX = "[not a candidate] "
+_OTHER_USES = "Matched nodes have other uses preventing replacement."
+
+FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def fail(reason: str, *sources: ir.Node | ir.Value) -> _basics.MatchFailureError:
+    """A near-miss failure with a specific reason; use as ``raise fail("...")``."""
+    return _basics.MatchFailureError(reason, *sources)
+
+
+def Skip(reason: str) -> _basics.MatchFailureError:
+    """A failure that is not a near miss (the match is not a candidate at all)."""
+    return _basics.MatchFailureError(_SKIP_PREFIX + reason)
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def const(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant array: an initializer that is not a graph input, or a
+    Constant-node output; None otherwise."""
+    if value is None or value.is_graph_input():
+        return None
+    tensor = None
+    if value.is_initializer():
+        tensor = value.const_value
+    else:
+        producer = value.producer()
+        if producer is not None and producer.op_type == "Constant" and producer.domain in (
+            "", "ai.onnx"
+        ):
+            try:
+                tensor = ir.convenience.get_const_tensor(value)
+            except ValueError:
+                tensor = None
+    if tensor is None:
+        return None
+    try:
+        return np.asarray(tensor.numpy())
+    except Exception:  # external data that cannot be read, ...
+        return None
+
+
+def nonconst_reason(value: ir.Value | None) -> str:
+    """Why ``value`` is not a constant, in a few words."""
+    if value is None:
+        return "it is missing"
+    if value.is_graph_input():
+        return "it is a graph input"
+    producer = value.producer()
+    if producer is not None:
+        return f"it is computed by {producer.op_type} node '{producer.name or '?'}'"
+    if value.is_initializer():
+        return "its initializer data cannot be read"
+    return "it comes from an enclosing graph at runtime"
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    """A constant with exactly one element, as a Python float; None otherwise."""
+    arr = const(value)
+    if arr is None or arr.size != 1 or arr.dtype.kind not in "fiub":
+        return None
+    return float(arr.reshape(()))
+
+
+def rank(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None:
+        return None
+    return len(value.shape)
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The value's shape if every dimension is a known integer."""
+    if value is None or value.shape is None:
+        return None
+    dims = []
+    for d in value.shape:
+        if not isinstance(d, int):
+            return None
+        dims.append(d)
+    return tuple(dims)
+
+
+def opset_of(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    return [user for user, _ in value.uses()]
+
+
+def node_label(node: ir.Node) -> str:
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else None
+    return f"<{node.op_type} producing {out}>" if out else f"<unnamed {node.op_type}>"
+
+
+# --------------------------------------------------------------------------- environment
+
+
+class Env:
+    """What rules of one pass run share: the model, the context, fresh names."""
+
+    def __init__(self, model: ir.Model, ctx: PassContext) -> None:
+        self.model = model
+        self.ctx = ctx
+        self._names: set[str] | None = None
+
+    @property
+    def opset(self) -> int:
+        return opset_of(self.model)
+
+    @property
+    def ort_contrib(self) -> bool:
+        """Whether com.microsoft contrib ops may be emitted (onnxruntime CPU/CUDA targets)."""
+        return self.ctx.allows_contrib_ops and self.ctx.target in ("cpu", "cuda")
+
+    def _taken(self) -> set[str]:
+        if self._names is None:
+            names: set[str] = set()
+            for g in gir.iter_graphs(self.model.graph):
+                names.update(v.name for v in g.inputs if v.name)
+                names.update(g.initializers)
+                for node in g:
+                    if node.name:
+                        names.add(node.name)
+                    names.update(v.name for v in node.outputs if v.name)
+            self._names = names
+        return self._names
+
+    def fresh(self, base: str) -> str:
+        """A name used by no value or node of the model (and reserve it)."""
+        taken = self._taken()
+        base = base or "fused"
+        name, i = base, 1
+        while name in taken:
+            name = f"{base}_{i}"
+            i += 1
+        taken.add(name)
+        return name
+
+    def initializer(self, op: Any, array: np.ndarray, base: str) -> ir.Value:
+        """A new initializer value (unique name) in the replacement being built."""
+        name = self.fresh(base)
+        return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+
+
+class Rule(RewriteRuleClassBase):
+    """Base class of graphopt's own rules: carries the run's :class:`Env`."""
+
+    def __init__(self, env: Env, name: str | None = None) -> None:
+        super().__init__(name or type(self).__name__, remove_nodes=True)
+        self.env = env
+
+
+# --------------------------------------------------------------------------- rule descriptors
+
+
+@dataclass
+class FusionRule:
+    """One named rule of a pass: the onnxscript rules that implement it and where from.
+
+    Attributes:
+        name: stats key (``bn_into_conv``).
+        rules: the onnxscript ``RewriteRule`` objects (variants of one pattern).
+        origin: ``"onnxscript"`` (onnxscript's rule, possibly with an extra guard) or
+            ``"graphopt"`` (written here).
+        commute: expand each rule into its commuted variants (Add/Mul operand order).
+        near_miss_nodes: report a structural partial match of at least this many nodes as
+            a near miss (large patterns only); None: only full matches and failed checks.
+        quiet: never report near misses (single-node "is this a no-op" rules, whose failed
+            check only says the node does something).
+    """
+
+    name: str
+    rules: Sequence[RewriteRule]
+    origin: str = "graphopt"
+    commute: bool = False
+    near_miss_nodes: int | None = None
+    quiet: bool = False
+    _variants: list[RewriteRule] = field(default_factory=list, init=False, repr=False)
+
+    def variants(self) -> list[RewriteRule]:
+        if not self._variants:
+            out: list[RewriteRule] = []
+            for r in self.rules:
+                out.extend(r.commute() if self.commute else [r])
+            for r in out:
+                r.name = self.name  # also the metadata tag onnxscript puts on new nodes
+            self._variants = out
+        return self._variants
+
+
+# --------------------------------------------------------------------------- near-miss tracer
+
+
+@dataclass
+class _Attempt:
+    rule: FusionRule
+    root: ir.Node
+    graph: ir.Graph | ir.Function
+    status: _basics.MatchStatus
+    reason: str
+    nodes: tuple[ir.Node, ...]
+
+    @property
+    def score(self) -> tuple[int, int]:
+        return (int(self.status), len(self.nodes))
+
+
+class _Recorder(_basics.MatchingTracer):
+    """Keeps every attempt (onnxscript's tracer keeps only the best one per rule)."""
+
+    def __init__(self, owners: dict[int, FusionRule]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.attempts: list[_Attempt] = []
+
+    def log(self, rule: Any, container: Any, node: ir.Node, match_result: Any,
+            status: _basics.MatchStatus) -> None:
+        owner = self.owners.get(id(rule))
+        if owner is None:
+            return
+        try:
+            nodes = tuple(match_result.nodes)
+        except Exception:
+            nodes = ()
+        if status == _basics.MatchStatus.NO_MATCH and not nodes:
+            return
+        self.attempts.append(_Attempt(owner, node, container, status,
+                                      str(match_result.reason or ""), nodes))
+
+
+def _other_uses_reason(root: ir.Node, nodes: Sequence[ir.Node]) -> str:
+    inside = set(nodes)
+    for node in nodes:
+        if node is root:
+            continue
+        for v in node.outputs:
+            if v.is_graph_output():
+                return f"{node.op_type} output '{v.name}' is a graph output"
+            users = consumers(v)
+            if any(u not in inside for u in users):
+                return f"{node.op_type} output '{v.name}' has {len(users)} consumers"
+    return "an intermediate value of the pattern is used outside it"
+
+
+def _near_miss_reason(a: _Attempt) -> str | None:
+    """The reason to report for an attempt, or None if it is not a near miss."""
+    if a.status == _basics.MatchStatus.SUCCESS or a.rule.quiet:
+        return None
+    if a.reason.startswith(_SKIP_PREFIX):
+        return None
+    if a.status in (_basics.MatchStatus.CONDITION_FAILED, _basics.MatchStatus.REPLACEMENT_FAILED):
+        return a.reason or "the rule's check failed"
+    if a.reason == _OTHER_USES:
+        return _other_uses_reason(a.root, a.nodes)
+    if a.rule.near_miss_nodes is not None and len(a.nodes) >= a.rule.near_miss_nodes:
+        return a.reason or "the pattern differs"
+    return None
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+class FusionPass(graphopt.Pass):
+    """Base class of the fusion passes: a list of rules applied to a fixpoint."""
+
+    level = 1
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    options: ClassVar = {
+        "skip": graphopt.Option(str, "", "comma-separated rule names not to apply"),
+    }
+    #: run onnx shape inference first (rules that need ranks, dtypes or static shapes)
+    needs_shapes: ClassVar[bool] = False
+    max_rounds: ClassVar[int] = 8
+
+    # -- to implement
+    def rules(self, env: Env) -> list[FusionRule]:
+        raise NotImplementedError
+
+    # -- machinery
+    def _active_rules(self, env: Env) -> list[FusionRule]:
+        skipped = {s.strip() for s in str(self.config.get("skip", "")).split(",") if s.strip()}
+        return [r for r in self.rules(env) if r.name not in skipped]
+
+    def _prepare(self, model: ir.Model, ctx: PassContext) -> tuple[Env, list[FusionRule]]:
+        if self.needs_shapes:
+            _infer_shapes(model)
+        for g in gir.iter_graphs(model.graph):
+            onnxscript.optimizer.basic_constant_propagation(g)
+        env = Env(model, ctx)
+        return env, self._active_rules(env)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> graphopt.PassResult:
+        _env, rules = self._prepare(model, ctx)
+        counts = {r.name: 0 for r in rules}
+        before_nodes = {id(n) for g in gir.iter_graphs(model.graph) for n in g}
+        before_inits = {id(v) for g in gir.iter_graphs(model.graph)
+                        for v in g.initializers.values()}
+        constants = _constants_in_use(model)
+        for _ in range(self.max_rounds):
+            changed = 0
+            for r in rules:
+                n = RewriteRuleSet(r.variants()).apply_to_model(model)
+                counts[r.name] += n
+                changed += n
+            if not changed:
+                break
+        total = sum(counts.values())
+        if total:
+            names = {r.name for r in rules}
+            _drop_identities(model, names)
+            _drop_orphans(constants + _created_constants(model, before_nodes, before_inits))
+        return graphopt.PassResult(modified=total > 0, stats=counts)
+
+    def explain(self, model: ir.Model, ctx: PassContext) -> list[dict[str, Any]]:
+        """Per rule: how many matches the pass makes, and the near misses left after it.
+
+        Works on a clone; ``model`` is not changed.
+        """
+        work = model.clone()
+        result = self.run(work, ctx)
+        _env, rules = self._prepare(work, ctx)
+        owners: dict[int, FusionRule] = {}
+        for r in rules:
+            for v in r.variants():
+                owners[id(v)] = r
+        recorder = _Recorder(owners)
+        for r in rules:
+            RewriteRuleSet(r.variants()).apply_to_model(work, tracer=recorder)
+        return _summarize(rules, result.stats, recorder.attempts, work.graph)
+
+
+def _summarize(rules: Sequence[FusionRule], stats: dict[str, Any],
+               attempts: Sequence[_Attempt], main: ir.Graph) -> list[dict[str, Any]]:
+    # best attempt per (rule, root node)
+    best: dict[tuple[str, int], _Attempt] = {}
+    matched_roots: set[int] = set()
+    for a in attempts:
+        if a.status == _basics.MatchStatus.SUCCESS:
+            matched_roots.add(id(a.root))
+        key = (a.rule.name, id(a.root))
+        if key not in best or a.score > best[key].score:
+            best[key] = a
+    misses: list[tuple[_Attempt, str]] = []
+    for a in best.values():
+        if id(a.root) in matched_roots:
+            continue
+        reason = _near_miss_reason(a)
+        if reason is not None:
+            misses.append((a, reason))
+    # a near miss whose nodes are a strict subset of another's is the same miss seen by a
+    # smaller rule (LayerNorm without bias inside LayerNorm with bias): keep the larger
+    kept = []
+    for a, reason in misses:
+        mine = set(map(id, a.nodes)) | {id(a.root)}
+        if any(mine < (set(map(id, b.nodes)) | {id(b.root)}) for b, _ in misses if b is not a):
+            continue
+        kept.append((a, reason))
+    out = []
+    for r in rules:
+        entries = []
+        for a, reason in kept:
+            if a.rule is not r:
+                continue
+            entry = {"node": node_label(a.root), "op_type": a.root.op_type, "reason": reason}
+            if a.graph is not main:
+                entry["graph"] = getattr(a.graph, "name", None) or "<subgraph>"
+            entries.append(entry)
+        out.append({"rule": r.name, "origin": r.origin, "matched": int(stats.get(r.name, 0)),
+                    "near_misses": entries})
+    return out
+
+
+# --------------------------------------------------------------------------- housekeeping
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    """Merge onnx shape inference results into the model's values (best effort)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    with contextlib.suppress(Exception):  # inference is an optimization aid only
+        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+
+
+def _constants_in_use(model: ir.Model) -> list[tuple[ir.Graph, ir.Value]]:
+    """Initializers and Constant outputs that something uses now (candidates to drop later,
+    once the rewrites have orphaned them)."""
+    out = []
+    for g in gir.iter_graphs(model.graph):
+        for v in g.initializers.values():
+            if v.uses() and not v.is_graph_input() and not v.is_graph_output():
+                out.append((g, v))
+        for node in g:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                v = node.outputs[0]
+                if v.uses() and not v.is_graph_output():
+                    out.append((g, v))
+    return out
+
+
+def _created_constants(model: ir.Model, before_nodes: set[int], before_inits: set[int]
+                       ) -> list[tuple[ir.Graph, ir.Value]]:
+    """Initializers and Constant outputs the rewrites created (a later rewrite of the same
+    run may have orphaned them: BN folded into a Conv, then a Mul folded into that)."""
+    out = []
+    for g in gir.iter_graphs(model.graph):
+        out += [(g, v) for v in g.initializers.values() if id(v) not in before_inits]
+        out += [(g, n.outputs[0]) for n in g
+                if n.op_type == "Constant" and id(n) not in before_nodes]
+    return out
+
+
+def _drop_orphans(candidates: Iterable[tuple[ir.Graph, ir.Value]]) -> None:
+    for g, v in candidates:
+        if v.uses() or v.is_graph_output():
+            continue
+        producer = v.producer()
+        if producer is not None:
+            if producer.graph is not None:
+                producer.graph.remove(producer, safe=True)
+        elif v.name in g.initializers and g.initializers[v.name] is v:
+            del g.initializers[v.name]
+
+
+def _drop_identities(model: ir.Model, rule_names: set[str]) -> None:
+    """Remove the Identity nodes the pass's rules created (Transpose∘Transpose that cancel,
+    Cast to the same type, ...) unless their output is a graph output."""
+    for g in gir.iter_graphs(model.graph):
+        for node in list(g):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                continue
+            # the tag is "rule" or, merged from the replaced nodes, "rule, earlier rule"
+            tags = {t.strip() for t in node.metadata_props.get(RULE_NAME_TAG, "").split(",")}
+            if not tags & rule_names:
+                continue
+            out, src = node.outputs[0], node.inputs[0]
+            if src is None or out.is_graph_output():
+                continue
+            out.replace_all_uses_with(src)
+            g.remove(node, safe=True)
+

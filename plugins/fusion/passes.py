@@ -1,0 +1,131 @@
+"""The fusion passes: each is a named group of rule sets (see the rule modules)."""
+
+from __future__ import annotations
+
+from graphopt_plugins.fusion import (
+    activations,
+    affine,
+    attention,
+    bn,
+    cast,
+    gelu,
+    gemm,
+    layernorm,
+    pad,
+    reshape,
+)
+from graphopt_plugins.fusion._base import Env, FusionPass, FusionRule
+
+import graphopt
+
+__all__ = [
+    "ALL_PASSES",
+    "FuseActivations",
+    "FuseAttention",
+    "FuseBatchNorm",
+    "FuseGelu",
+    "FuseLayerNorm",
+    "FuseMatMulAdd",
+    "FusePad",
+    "FuseReshapeChains",
+]
+
+
+class FuseBatchNorm(FusionPass):
+    name = "fuse-bn"
+    summary = ("Fold BatchNormalization and per-channel Mul/Add constants into the preceding "
+               "Conv/ConvTranspose/Gemm/MatMul weights")
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    order = 115
+    needs_shapes = True
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return bn.rules(env) + affine.rules(env)
+
+
+class FuseMatMulAdd(FusionPass):
+    name = "fuse-matmul-add"
+    summary = "MatMul + Add(bias) -> Gemm when the MatMul is 2-D"
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    order = 110
+    needs_shapes = True
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return gemm.rules(env)
+
+
+class FuseReshapeChains(FusionPass):
+    name = "fuse-reshape-chains"
+    summary = ("Merge or remove chains of Transpose / Reshape / Squeeze / Unsqueeze / Flatten "
+               "and lossless Cast chains")
+    tolerance = graphopt.Tolerance.EXACT
+    order = 100
+    needs_shapes = True
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return reshape.rules(env) + cast.rules(env)
+
+
+class FusePad(FusionPass):
+    name = "fuse-pad"
+    summary = "Fold constant-mode Pad into the pads of Conv / AveragePool / MaxPool"
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    order = 105
+    needs_shapes = True
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return pad.rules(env)
+
+
+class FuseLayerNorm(FusionPass):
+    name = "fuse-layernorm"
+    summary = ("Decomposed LayerNorm -> LayerNormalization (opset >= 17); RMSNorm -> "
+               "RMSNormalization (opset >= 23)")
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    requires = graphopt.Requirements(min_opset=17)
+    order = 120
+    needs_shapes = True
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return layernorm.rules(env)
+
+
+class FuseGelu(FusionPass):
+    name = "fuse-gelu"
+    summary = ("GELU (erf / tanh forms) -> Gelu (opset >= 20) or onnxruntime's "
+               "com.microsoft Gelu / FastGelu (cpu/cuda targets)")
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    order = 125
+    needs_shapes = True
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return gelu.rules(env)
+
+
+class FuseActivations(FusionPass):
+    name = "fuse-activations"
+    summary = ("Clip/Mul/Div forms -> HardSigmoid / HardSwish (opset >= 14); x*Sigmoid(x) -> "
+               "Swish (opset >= 24)")
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    order = 130
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return activations.rules(env)
+
+
+class FuseAttention(FusionPass):
+    name = "fuse-attention"
+    summary = ("Multi-head attention block -> com.microsoft MultiHeadAttention "
+               "(onnxruntime cpu/cuda targets only)")
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    order = 140
+    needs_shapes = True
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return attention.rules(env)
+
+
+ALL_PASSES: list[type[FusionPass]] = [
+    FuseReshapeChains, FusePad, FuseMatMulAdd, FuseBatchNorm, FuseLayerNorm, FuseGelu,
+    FuseActivations, FuseAttention,
+]

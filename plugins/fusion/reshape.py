@@ -1,0 +1,218 @@
+"""Chains of data-movement ops merged or removed (exact: no arithmetic happens).
+
+* ``transpose_transpose``: ``Transpose(Transpose(x, p1), p2) = Transpose(x, p)`` with
+  ``p[i] = p1[p2[i]]``; nothing (an Identity, then removed) when ``p`` is the identity.
+  onnxscript's ``TransposeTranspose``.
+* ``transpose_identity``: ``Transpose(x, perm=[0, 1, ..., r-1]) = x``. onnxscript's
+  ``TransposeIdentity``.
+* ``shape_chain``: any two of Reshape / Flatten / Squeeze / Unsqueeze in a row only
+  rearrange the same elements in row-major order, so the pair equals
+  ``Reshape(x, final_shape)`` when the final shape is static, and ``x`` itself when it
+  equals ``x``'s static shape. graphopt's.
+* ``reshape_reshape``: ``Reshape(Reshape(x, s1), s2) = Reshape(x, s2)`` for dynamic shapes
+  (``0`` entries of ``s2`` resolved or turned into ``-1``). onnxscript's ``ReshapeReshape``
+  (with a fresh name for the new shape initializer).
+* ``unsqueeze_unsqueeze`` / ``squeeze_squeeze``: two Unsqueezes (Squeezes) compose into one
+  with the combined axes, mapped back to the input's coordinates. graphopt's (onnxscript's
+  ``UnsqueezeUnsqueeze`` handles single positive axes only).
+* ``squeeze_unsqueeze``: ``Unsqueeze(Squeeze(x, a), a) = x`` and
+  ``Squeeze(Unsqueeze(x, a), a) = x`` (the same axes in the same rank). graphopt's.
+
+Transposes that cancel and no-op ops become an Identity, which the pass removes unless its
+output is a graph output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from graphopt_plugins.fusion._base import (
+    Env,
+    FusionRule,
+    Rule,
+    Skip,
+    const,
+    fail,
+    rank,
+    static_shape,
+)
+from onnxscript.rewriter import pattern as orp
+from onnxscript.rewriter.rules.common import _basic_rules as os_basic
+
+__all__ = ["rules"]
+
+_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _axes(node: ir.Node) -> list[int] | None:
+    """Squeeze/Unsqueeze axes from the attribute (opset < 13) or the input; None if absent
+    or not constant."""
+    attr = node.attributes.get("axes")
+    if attr is not None:
+        return [int(a) for a in attr.as_ints()]
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = const(node.inputs[1])
+        if arr is None:
+            return None
+        return [int(a) for a in arr.reshape(-1)]
+    return None
+
+
+def _normalize(axes: list[int], r: int | None) -> list[int] | None:
+    if any(a < 0 for a in axes):
+        if r is None:
+            return None
+        axes = [a + r if a < 0 else a for a in axes]
+    if len(set(axes)) != len(axes):
+        return None
+    return sorted(axes)
+
+
+def _nth_free(n: int, taken: set[int]) -> int:
+    """The n-th (0-based) non-negative integer not in ``taken``."""
+    i = -1
+    while n >= 0:
+        i += 1
+        if i not in taken:
+            n -= 1
+    return i
+
+
+def _emit_axes_op(env: Env, op, op_type: str, x: ir.Value, axes: list[int]) -> ir.Value:
+    if env.opset >= 13:
+        axes_val = env.initializer(op, np.array(axes, dtype=np.int64), f"{op_type.lower()}_axes")
+        return op.op(op_type, x, axes_val, _name=env.fresh(f"{op_type}_merged"))
+    return op.op(op_type, x, axes=axes, _name=env.fresh(f"{op_type}_merged"))
+
+
+class ShapeChain(Rule):
+    """outer(inner(x)) for outer, inner in Reshape/Flatten/Squeeze/Unsqueeze."""
+
+    def __init__(self, env: Env, outer: str) -> None:
+        super().__init__(env, f"ShapeChain{outer}")
+        self.outer = outer
+
+    def pattern(self, op, x):
+        inner = orp.OrValue(
+            [getattr(op, t)(x, _allow_other_inputs=True) for t in _SHAPE_OPS],
+        )
+        return getattr(op, self.outer)(inner, _allow_other_inputs=True, _outputs=["out"])
+
+    def check(self, context, x, out, **_):
+        out_shape = static_shape(out)
+        if out_shape is None:
+            raise Skip("output shape is not static")
+        if 0 in out_shape:
+            raise Skip("empty tensor")
+        self._target = out_shape
+        return True
+
+    def rewrite(self, op, x, out, **_):
+        if static_shape(x) == self._target:
+            return op.Identity(x)
+        shape = self.env.initializer(op, np.array(self._target, dtype=np.int64), "shape")
+        return op.Reshape(x, shape, _name=self.env.fresh("Reshape_merged"))
+
+
+class UnsqueezeUnsqueeze(Rule):
+    def pattern(self, op, x):
+        inner = op.Unsqueeze(x, _allow_other_inputs=True, _outputs=["mid"])
+        return op.Unsqueeze(inner, _allow_other_inputs=True, _outputs=["out"])
+
+    def check(self, context, x, mid, out, **_):
+        a1, a2 = _axes(mid.producer()), _axes(out.producer())
+        if a1 is None or a2 is None:
+            raise fail("Unsqueeze axes are not constant")
+        r = rank(x)
+        n1 = _normalize(a1, None if r is None else r + len(a1))
+        n2 = _normalize(a2, None if r is None else r + len(a1) + len(a2))
+        if n1 is None or n2 is None:
+            raise fail("negative Unsqueeze axes and unknown input rank")
+        taken = set(n2)
+        self._axes = sorted(taken | {_nth_free(p, taken) for p in n1})
+        return True
+
+    def rewrite(self, op, x, **_):
+        return _emit_axes_op(self.env, op, "Unsqueeze", x, self._axes)
+
+
+class SqueezeSqueeze(Rule):
+    def pattern(self, op, x):
+        inner = op.Squeeze(x, _allow_other_inputs=True, _outputs=["mid"])
+        return op.Squeeze(inner, _allow_other_inputs=True, _outputs=["out"])
+
+    def check(self, context, x, mid, out, **_):
+        a1, a2 = _axes(mid.producer()), _axes(out.producer())
+        if a1 is None or a2 is None:
+            raise fail("a Squeeze has no constant axes (without axes it squeezes every "
+                       "1-dim, which needs a static shape)")
+        r = rank(x)
+        n1 = _normalize(a1, r)
+        n2 = _normalize(a2, None if r is None else r - len(a1))
+        if n1 is None or n2 is None:
+            raise fail("negative Squeeze axes and unknown input rank")
+        taken = set(n1)
+        self._axes = sorted(taken | {_nth_free(p, taken) for p in n2})
+        return True
+
+    def rewrite(self, op, x, **_):
+        return _emit_axes_op(self.env, op, "Squeeze", x, self._axes)
+
+
+class SqueezeUnsqueeze(Rule):
+    """Unsqueeze(Squeeze(x, a), a) and Squeeze(Unsqueeze(x, a), a) -> x."""
+
+    def __init__(self, env: Env, outer: str) -> None:
+        super().__init__(env, f"{outer}Cancel")
+        self.outer = outer
+        self.inner = "Squeeze" if outer == "Unsqueeze" else "Unsqueeze"
+
+    def pattern(self, op, x):
+        inner = getattr(op, self.inner)(x, _allow_other_inputs=True, _outputs=["mid"])
+        return getattr(op, self.outer)(inner, _allow_other_inputs=True, _outputs=["out"])
+
+    def check(self, context, x, mid, out, **_):
+        a1, a2 = _axes(mid.producer()), _axes(out.producer())
+        if a1 is None or a2 is None:
+            raise Skip("axes are not given as constants")
+        r = rank(x)
+        # both axis lists refer to the larger rank (x for Squeeze, the output of Unsqueeze)
+        big = r if self.inner == "Squeeze" else (None if r is None else r + len(a1))
+        n1, n2 = _normalize(a1, big), _normalize(a2, big)
+        if n1 is None or n2 is None:
+            raise fail("negative axes and unknown input rank")
+        if n1 != n2:
+            raise Skip(f"{self.inner} axes {a1} and {self.outer} axes {a2} differ")
+        return True
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
+class ReshapeReshape(os_basic.ReshapeReshape):
+    """onnxscript's rule; the new shape initializer gets a name no value uses."""
+
+    def __init__(self, env: Env) -> None:
+        super().__init__()
+        self.env = env
+
+    def check(self, context, x, shape_ignored, shape):
+        result = super().check(context, x, shape_ignored, shape)
+        if result:
+            self._new_shape_name = self.env.fresh(self._new_shape_name)
+        return result
+
+
+def rules(env: Env) -> list[FusionRule]:
+    return [
+        FusionRule("transpose_transpose", [os_basic.TransposeTranspose.rule()],
+                   origin="onnxscript"),
+        FusionRule("transpose_identity", [os_basic.TransposeIdentity.rule()],
+                   origin="onnxscript", quiet=True),
+        FusionRule("shape_chain", [ShapeChain.rule(env, t) for t in _SHAPE_OPS]),
+        FusionRule("reshape_reshape", [ReshapeReshape.rule(env)], origin="onnxscript"),
+        FusionRule("unsqueeze_unsqueeze", [UnsqueezeUnsqueeze.rule(env)]),
+        FusionRule("squeeze_squeeze", [SqueezeSqueeze.rule(env)]),
+        FusionRule("squeeze_unsqueeze", [SqueezeUnsqueeze.rule(env, "Unsqueeze"),
+                                         SqueezeUnsqueeze.rule(env, "Squeeze")]),
+    ]
