@@ -1,1 +1,4 @@
-"""Built-in graphopt pass families, each registered as a plugin through the `graphopt` entry-point group."""
+"""Built-in graphopt pass families.
+
+Each is registered as a plugin through the `graphopt` entry-point group.
+"""
