@@ -282,7 +282,8 @@ def optimize(
     final_ok = True
     if validator is not None:
         applied = [r for r in records if r.status == "applied"]
-        final = validator.measure(result_model)
+        lossy_applied = any(r.tolerance == Tolerance.LOSSY for r in applied)
+        final = validator.measure(result_model, deployed=lossy_applied)
         metrics = {k: m.as_dict() for k, m in final.metrics.items()}
         if not final.ok:
             report.final = {"status": "failed", "reason": final.reason, "metrics": {}}
@@ -313,7 +314,7 @@ def optimize(
             manager.options.validate = "each"
             result_model, records = manager.run(ir_model, passes)
             report.passes = records
-            again = validator.measure(result_model)
+            again = validator.measure(result_model, deployed=lossy_applied)
             report.final = {
                 "status": "ok" if again.ok else "failed",
                 "reason": "" if again.ok else again.reason,

@@ -85,6 +85,7 @@ class Runner:
         self.target = target
         self.threads = threads
         self.optimize = optimize
+        self.fallback = fallback
         provider = PROVIDERS.get(target)
         if provider is None:
             raise InputError(
@@ -415,20 +416,44 @@ class Validator:
         budget: Budget | None = None,
     ) -> None:
         self.runner = runner
+        # LOSSY results are measured as they will be deployed: with onnxruntime's own
+        # optimizations on (e.g. QDQ pairs become integer kernels, whose rounding differs
+        # from the float fake-quant path).
+        self.deployed = Runner(
+            runner.target, threads=runner.threads, optimize=True, fallback=runner.fallback
+        )
         self.feeds = list(feeds)
         self.rtol = rtol
         self.atol = atol
         self.budget = budget
+        self.original = original
         self.reference = runner.run(original, self.feeds)
 
     # numeric ----------------------------------------------------------------
-    def measure(self, model: ir.Model | onnx.ModelProto) -> Check:
-        """Run the model and measure it against the original (no tolerance applied)."""
+    def measure(
+        self,
+        model: ir.Model | onnx.ModelProto,
+        *,
+        deployed: bool = False,
+        feeds: Sequence[Feed] | None = None,
+    ) -> Check:
+        """Run the model and measure it against the original (no tolerance applied).
+
+        Args:
+            model: the candidate.
+            deployed: run with onnxruntime's graph optimizations on (as LOSSY checks do).
+            feeds: other inputs than the validation feeds (the reference is then computed
+                from the original for them too; passes use this with calibration data).
+        """
+        runner = self.deployed if deployed else self.runner
+        reference = self.reference
+        if feeds is not None:
+            reference = self.runner.run(self.original, list(feeds))
         try:
-            outs = self.runner.run(model, self.feeds)
+            outs = runner.run(model, list(feeds) if feeds is not None else self.feeds)
         except RuntimeError as e:
             return Check(False, f"onnxruntime cannot run it: {e}")
-        return Check(True, metrics=compare(self.reference, outs), outputs=outs)
+        return Check(True, metrics=compare(reference, outs), outputs=outs)
 
     def check(
         self,
@@ -437,7 +462,7 @@ class Validator:
         previous: Sequence[Feed] | None = None,
     ) -> Check:
         """Numeric check of a candidate by tolerance class (see the module doc)."""
-        result = self.measure(model)
+        result = self.measure(model, deployed=tolerance is Tolerance.LOSSY)
         if not result.ok or result.outputs is None:
             return result
         outs = result.outputs

@@ -1,0 +1,8 @@
+"""pruning passes (work in progress)."""
+
+import graphopt
+
+
+@graphopt.hookimpl
+def graphopt_register_passes(register):
+    """No pruning passes yet."""
