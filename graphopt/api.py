@@ -269,6 +269,10 @@ def optimize(
         passes=records,
         warnings=warnings,
     )
+    if target in ("cpu", "generic"):
+        from graphopt.hardware import cpu_features
+
+        report.extra["hardware"] = cpu_features()  # int8 choices depend on these
     report.plugin_failures = [
         {"plugin": f.plugin, "distribution": f.distribution, "error": f.error} for f in reg.failures
     ]

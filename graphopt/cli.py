@@ -184,6 +184,15 @@ def main() -> None:
     help="Abandon a pass that runs longer and record it as failed.",
 )
 @click.option("--in-place", is_flag=True, help="Allow -o to be the input file.")
+@click.option(
+    "--bench",
+    "bench_runs",
+    type=click.IntRange(0),
+    default=0,
+    metavar="RUNS",
+    help="Also time original vs optimized (A/B alternated, RUNS pairs, --threads "
+    "threads, onnxruntime full optimization) and add it to the report.",
+)
 @disable_option
 @verbose_option
 @quiet_option
@@ -213,6 +222,7 @@ def run(
     repro_dir: Path | None,
     pass_timeout: float | None,
     in_place: bool,
+    bench_runs: int,
     disable_plugins: tuple[str, ...],
     verbose: int,
     quiet: bool,
@@ -267,10 +277,32 @@ def run(
     )
     written = result.save(output)
     report = result.report
+    if bench_runs:
+        from graphopt.bench import bench_pair
+
+        figures = bench_pair(
+            model,
+            output,
+            threads=threads,
+            runs=bench_runs,
+            feeds=inputs,
+            shapes=list(shapes),
+            seed=seed,
+            target=target,
+            fallback=fallback,
+        )
+        report.extra["bench"] = figures
     if report_path is not None:
         _write_atomic(report_path, report.to_json() + "\n")
     if not quiet:
         click.echo(report.table(), err=True)
+        if "bench" in report.extra:
+            sp = report.extra["bench"]["speedup"]
+            click.echo(
+                f"speedup (original/optimized, {sp['pairs']} A/B pairs, {threads} thread(s)): "
+                f"median {sp['median']:.3f}x (p10-p90 {sp['p10']:.3f}-{sp['p90']:.3f})",
+                err=True,
+            )
         for w in report.warnings:
             click.echo(f"graphopt: warning: {w}", err=True)
         for f in report.plugin_failures:

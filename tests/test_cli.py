@@ -864,3 +864,46 @@ def test_unsorted_model_is_sorted_not_refused(cli, tmp_path):
     out = onnx.load(tmp_path / "o.onnx")
     onnx.checker.check_model(out)
     assert [n.op_type for n in out.graph.node] == ["Neg", "Relu"]
+
+
+def test_run_bench_adds_alternated_speedup_to_the_report(tmp_path):
+    src = copy_fixture("cnn.onnx", tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        [
+            "run",
+            str(src),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--bench",
+            "6",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["bench"]["speedup"]["pairs"] == 6
+    assert 0.3 < report["bench"]["speedup"]["median"] < 3
+    assert report["hardware"]["flags"].keys() >= {"avx2", "avx512_vnni"}
+    assert "speedup (original/optimized, 6 A/B pairs" in result.stderr
+
+
+def test_explain_names_matches_and_near_misses(tmp_path):
+    runner = CliRunner()
+    cnn = runner.invoke(
+        main, ["explain", str(FIXTURES_DIR / "cnn.onnx"), "--pass", "fuse-bn", "--json"]
+    )
+    assert cnn.exit_code == 0, cnn.output
+    rules = {r["rule"]: r for r in json.loads(cnn.stdout)[0]["rules"]}
+    assert rules["bn_into_conv"]["matched"] == 3
+    old = runner.invoke(
+        main, ["explain", str(FIXTURES_DIR / "constant_weights.onnx"), "--pass", "fuse-layernorm"]
+    )
+    assert old.exit_code == 0, old.output
+    text = runner.invoke(main, ["explain", str(FIXTURES_DIR / "transformer.onnx")])
+    assert text.exit_code == 0
+    assert "fuse-layernorm:" in text.stdout and "layernorm: 3 matched" in text.stdout
+    bad = runner.invoke(main, ["explain", str(FIXTURES_DIR / "cnn.onnx"), "--pass", "dce"])
+    assert bad.exit_code == 2 and "cannot explain" in bad.stderr

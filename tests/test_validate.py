@@ -63,3 +63,23 @@ def test_budget_parsing_and_violations():
 def test_bad_budgets_are_clear(text, match):
     with pytest.raises(PipelineError, match=match):
         parse_budget(text)
+
+
+def test_measure_on_other_feeds_and_as_deployed():
+    from pathlib import Path
+
+    from graphopt import ir as gir
+    from graphopt.data import input_specs, synthesize
+    from graphopt.validate import Runner, Validator
+
+    model = gir.load(Path(__file__).resolve().parent.parent / "fixtures" / "cnn.onnx")
+    specs = input_specs(model)
+    v = Validator(model, synthesize(specs, seed=0), Runner())
+    other = synthesize(specs, seed=5, samples=3)
+    same = v.measure(model, feeds=other)
+    assert same.ok and len(same.outputs) == 3
+    assert same.metrics["logits"].max_abs == 0.0
+    # onnxruntime's own fusions change float rounding only
+    deployed = v.measure(model, deployed=True)
+    assert deployed.ok and deployed.metrics["logits"].cosine > 0.99999
+    assert not np.array_equal(other[0]["input"], v.feeds[0]["input"])
