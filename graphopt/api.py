@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from graphopt import ir as gir
 from graphopt.context import TARGETS, PassContext
-from graphopt.data import input_specs, load_feeds, parse_shapes, synthesize
+from graphopt.data import input_specs, load_feeds, shape_map, synthesize
 from graphopt.errors import ExitCode, InputError, PluginError, UsageError
 from graphopt.manager import ManagerOptions, PassManager
 from graphopt.passes import Tolerance
@@ -183,9 +183,7 @@ def optimize(
         raise UsageError("samples must be at least 1")
     if isinstance(budget, str):
         budget = parse_budget(budget)
-    if isinstance(shapes, Sequence) and not isinstance(shapes, str | bytes):
-        shapes = parse_shapes(list(shapes))
-    shape_map = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
+    shapes_given = shape_map(shapes)
 
     reg = registry or load_registry(plugins, disable=disable_plugins)
     specs, named = build_pipeline(level, pipeline, config, reg)
@@ -213,22 +211,22 @@ def optimize(
             )
     runner = Runner(target, threads=threads, fallback=fallback)
     static = all(
-        spec.name in shape_map
+        spec.name in shapes_given
         or (
             spec.shape is not None
-            and all(isinstance(d, int) or (d in shape_map) for d in spec.shape)
+            and all(isinstance(d, int) or (d in shapes_given) for d in spec.shape)
         )
         for spec in specs_in
     )
 
-    _check_shape_names(shape_map, specs_in)
+    _check_shape_names(shapes_given, specs_in)
     validator = None
     warnings: list[str] = []
     try:
         if validate != "none" and passes:
             feeds = _feeds(inputs, specs_in, "inputs")
             if feeds is None:
-                feeds = synthesize(specs_in, shape_map, seed=seed, samples=samples)
+                feeds = synthesize(specs_in, shapes_given, seed=seed, samples=samples)
                 if lossy:
                     warnings.append(
                         "LOSSY passes are validated on synthetic inputs; pass --inputs "

@@ -41,7 +41,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import ir as gir
-from graphopt.data import input_specs, load_feeds, parse_shapes, synthesize
+from graphopt.data import input_specs, load_feeds, shape_map, synthesize
 from graphopt.errors import InputError, UsageError
 from graphopt.hardware import cpu_features, resolve_target
 from graphopt.validate import _ort_message
@@ -172,11 +172,9 @@ def make_feed(
     """
     specs = input_specs(model)
     if inputs is None:
-        if isinstance(shapes, Sequence) and not isinstance(shapes, str | bytes):
-            shape_map = parse_shapes(list(shapes))
-        else:
-            shape_map = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
-        return synthesize(specs, shape_map, seed=seed, samples=1)[0], f"synthesized (seed {seed})"
+        return synthesize(specs, shape_map(shapes), seed=seed, samples=1)[
+            0
+        ], f"synthesized (seed {seed})"
     if isinstance(inputs, str | os.PathLike):
         feeds = load_feeds(Path(inputs), specs, limit=1)
         if not feeds:
@@ -184,7 +182,7 @@ def make_feed(
         return feeds[0], f"{inputs} (first sample)"
     if isinstance(inputs, Mapping):
         return {k: np.asarray(v) for k, v in inputs.items()}, "given feed"
-    feeds = list(inputs)
+    feeds = [dict(f) for f in inputs]
     if not feeds:
         raise InputError("no input samples given", hint="pass at least one feed")
     return {k: np.asarray(v) for k, v in feeds[0].items()}, "given feeds (first sample)"

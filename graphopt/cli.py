@@ -50,10 +50,11 @@ class _Group(click.Group):
     """A click group whose usage errors are one ``graphopt: error:`` line with exit 2."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        parent: Any = super().main
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return parent(*args, standalone_mode=False, **kwargs)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = parent(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.format_message(), err=True)
             sys.exit(int(ExitCode.BAD_INPUT))
@@ -338,7 +339,7 @@ def passes(as_json: bool, disable_plugins: tuple[str, ...], verbose: int) -> Non
 
     _setup_logging(verbose, False)
     reg = load_registry(disable=disable_plugins)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(reg.infos):
         info = reg.infos[name]
         cls = info.cls

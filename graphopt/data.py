@@ -69,7 +69,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             shape = tuple(
                 d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
             )
-        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+        specs.append(InputSpec(value.name or "", np.dtype(dtype), shape))
     return specs
 
 
@@ -88,6 +88,17 @@ def parse_shapes(texts: Sequence[str]) -> dict[str, tuple[int, ...]]:
             )
         shapes[m.group(1)] = tuple(int(d) for d in re.split(r"\s*[x,]\s*", m.group(2)))
     return shapes
+
+
+def shape_map(
+    shapes: Mapping[str, Sequence[int]] | Sequence[str] | None,
+) -> dict[str, tuple[int, ...]]:
+    """Normalize ``--shape`` texts or a ``{name: dims}`` mapping to ``{name: tuple}``."""
+    if shapes is None:
+        return {}
+    if isinstance(shapes, Mapping):
+        return {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+    return parse_shapes(list(shapes))
 
 
 def concrete_shape(spec: InputSpec, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:

@@ -98,7 +98,7 @@ def cpu_features() -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        usable = os.cpu_count()
+        usable = os.cpu_count() or 1
     model = info.get("model name") or info.get("cpu model") or platform.processor() or None
     vendor = info.get("vendor_id") or info.get("cpu implementer") or None
     return {

@@ -13,6 +13,7 @@ the inputs), and the run goes on (``on_fail="rollback"``) or stops (``"stop"``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -132,9 +133,8 @@ class PassManager:
             cmd = f'graphopt run model.onnx -o out.onnx -p "{spec}"'
             if self.validator is not None and self.validator.feeds:
                 feeds = self.validator.feeds
-                np.savez(
-                    folder / "inputs.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]}
-                )
+                stacked = {k: np.stack([f[k] for f in feeds]) for k in feeds[0]}
+                np.savez(folder / "inputs.npz", **stacked)  # type: ignore[arg-type]
                 cmd += " --inputs inputs.npz"
             (folder / "README.txt").write_text(
                 f"Pass {p.name!r} ({self.registry.origin(p.name)}) failed: {reason}\n"
@@ -184,7 +184,7 @@ class PassManager:
             start = time.perf_counter()
             try:
                 result = _call_with_timeout(
-                    lambda p=p, c=candidate: p.run(c, self.ctx), self.options.pass_timeout
+                    functools.partial(p.run, candidate, self.ctx), self.options.pass_timeout
                 )
             except Exception as e:
                 rec.seconds = time.perf_counter() - start

@@ -221,8 +221,10 @@ def _mha_flops(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
         return None
     past = _input_shape(node, 6, shapes)
     if len(node.input) > 6 and node.input[6]:
-        known = past and len(past) == 4 and past[2] is not None and length is not None
-        length = length + past[2] if known else None  # type: ignore[operator]
+        if past and len(past) == 4 and past[2] is not None and length is not None:
+            length = length + past[2]
+        else:
+            length = None
     attn = _prod([b, s, length])
     if attn is None or d is None or dv is None:
         return None
@@ -384,13 +386,13 @@ def profile(
         if entry is None:
             op_type = e.get("args", {}).get("op_name", "?")
             node, how = mapper.map(name, op_type)
-            flops = None
+            mapped_flops = None
             if node is not None and _KIND.get(node.op_type) == _KIND.get(op_type):
-                flops = counted.get(node.name, {}).get("flops")
+                mapped_flops = counted.get(node.name, {}).get("flops")
             entry = by_node[name] = {
                 "name": name, "op_type": op_type, "per_run": [0.0] * runs, "count": 0,
                 "model_node": node.name if node is not None else None, "mapped_by": how,
-                "flops": flops,
+                "flops": mapped_flops,
             }  # fmt: skip
         entry["per_run"][e["run"]] += e["self"]
         entry["count"] += 1
@@ -444,7 +446,7 @@ def profile(
         })  # fmt: skip
 
     known = [v["flops"] for v in counted.values() if v["op_type"] in _KIND and v["main"]]
-    total_flops = None if any(v is None for v in known) else sum(known)  # type: ignore[arg-type]
+    total_flops = None if any(v is None for v in known) else sum(v for v in known if v)
     run_ms = statistics.median(run_us) / 1e3 if run_us else 0.0
     return {
         "source": loaded.source,

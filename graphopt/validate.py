@@ -374,7 +374,7 @@ def io_signature(model: ir.Model) -> list[tuple[str, str, str]]:
     Initializers listed as graph inputs count too: callers may override them, so a pass
     must not drop them from the interface.
     """
-    sig = []
+    sig: list[tuple[str, str, str]] = []
     for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
         sig.extend((kind, v.name or "", str(v.dtype)) for v in values)
     return sig
