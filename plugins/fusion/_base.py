@@ -87,8 +87,10 @@ def const(value: ir.Value | None) -> np.ndarray | None:
         tensor = value.const_value
     else:
         producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and producer.domain in (
-            "", "ai.onnx"
+        if (
+            producer is not None
+            and producer.op_type == "Constant"
+            and producer.domain in ("", "ai.onnx")
         ):
             try:
                 tensor = ir.convenience.get_const_tensor(value)
@@ -202,9 +204,13 @@ class Env:
         return name
 
     def initializer(self, op: Any, array: np.ndarray, base: str) -> ir.Value:
-        """A new initializer value (unique name) in the replacement being built."""
+        """A new initializer value (unique name) in the replacement being built.
+
+        The array keeps its shape, 0-d included (``np.ascontiguousarray`` would make a
+        scalar ``[1]``, changing broadcast results and breaking ops that need scalars).
+        """
         name = self.fresh(base)
-        return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+        return op.initializer(ir.tensor(np.array(array, order="C"), name=name), name=name)
 
 
 class Rule(RewriteRuleClassBase):
@@ -278,8 +284,14 @@ class _Recorder(_basics.MatchingTracer):
         self.owners = owners
         self.attempts: list[_Attempt] = []
 
-    def log(self, rule: Any, container: Any, node: ir.Node, match_result: Any,
-            status: _basics.MatchStatus) -> None:
+    def log(
+        self,
+        rule: Any,
+        container: Any,
+        node: ir.Node,
+        match_result: Any,
+        status: _basics.MatchStatus,
+    ) -> None:
         owner = self.owners.get(id(rule))
         if owner is None:
             return
@@ -289,8 +301,9 @@ class _Recorder(_basics.MatchingTracer):
             nodes = ()
         if status == _basics.MatchStatus.NO_MATCH and not nodes:
             return
-        self.attempts.append(_Attempt(owner, node, container, status,
-                                      str(match_result.reason or ""), nodes))
+        self.attempts.append(
+            _Attempt(owner, node, container, status, str(match_result.reason or ""), nodes)
+        )
 
 
 def _other_uses_reason(root: ir.Node, nodes: Sequence[ir.Node]) -> str:
@@ -358,8 +371,9 @@ class FusionPass(graphopt.Pass):
         _env, rules = self._prepare(model, ctx)
         counts = {r.name: 0 for r in rules}
         before_nodes = {id(n) for g in gir.iter_graphs(model.graph) for n in g}
-        before_inits = {id(v) for g in gir.iter_graphs(model.graph)
-                        for v in g.initializers.values()}
+        before_inits = {
+            id(v) for g in gir.iter_graphs(model.graph) for v in g.initializers.values()
+        }
         constants = _constants_in_use(model)
         for _ in range(self.max_rounds):
             changed = 0
@@ -394,8 +408,9 @@ class FusionPass(graphopt.Pass):
         return _summarize(rules, result.stats, recorder.attempts, work.graph)
 
 
-def _summarize(rules: Sequence[FusionRule], stats: dict[str, Any],
-               attempts: Sequence[_Attempt], main: ir.Graph) -> list[dict[str, Any]]:
+def _summarize(
+    rules: Sequence[FusionRule], stats: dict[str, Any], attempts: Sequence[_Attempt], main: ir.Graph
+) -> list[dict[str, Any]]:
     # best attempt per (rule, root node)
     best: dict[tuple[str, int], _Attempt] = {}
     matched_roots: set[int] = set()
@@ -430,8 +445,14 @@ def _summarize(rules: Sequence[FusionRule], stats: dict[str, Any],
             if a.graph is not main:
                 entry["graph"] = getattr(a.graph, "name", None) or "<subgraph>"
             entries.append(entry)
-        out.append({"rule": r.name, "origin": r.origin, "matched": int(stats.get(r.name, 0)),
-                    "near_misses": entries})
+        out.append(
+            {
+                "rule": r.name,
+                "origin": r.origin,
+                "matched": int(stats.get(r.name, 0)),
+                "near_misses": entries,
+            }
+        )
     return out
 
 
@@ -462,15 +483,17 @@ def _constants_in_use(model: ir.Model) -> list[tuple[ir.Graph, ir.Value]]:
     return out
 
 
-def _created_constants(model: ir.Model, before_nodes: set[int], before_inits: set[int]
-                       ) -> list[tuple[ir.Graph, ir.Value]]:
+def _created_constants(
+    model: ir.Model, before_nodes: set[int], before_inits: set[int]
+) -> list[tuple[ir.Graph, ir.Value]]:
     """Initializers and Constant outputs the rewrites created (a later rewrite of the same
     run may have orphaned them: BN folded into a Conv, then a Mul folded into that)."""
     out = []
     for g in gir.iter_graphs(model.graph):
         out += [(g, v) for v in g.initializers.values() if id(v) not in before_inits]
-        out += [(g, n.outputs[0]) for n in g
-                if n.op_type == "Constant" and id(n) not in before_nodes]
+        out += [
+            (g, n.outputs[0]) for n in g if n.op_type == "Constant" and id(n) not in before_nodes
+        ]
     return out
 
 
@@ -502,4 +525,3 @@ def _drop_identities(model: ir.Model, rule_names: set[str]) -> None:
                 continue
             out.replace_all_uses_with(src)
             g.remove(node, safe=True)
-
