@@ -127,6 +127,7 @@ def optimize(
     fallback: str | None = None,
     on_fail: str = "rollback",
     validate: str = "each",
+    gate: str | None = None,
     strict: bool = False,
     rtol: float = 1e-3,
     atol: float = 1e-4,
@@ -155,6 +156,9 @@ def optimize(
         fallback: provider target to use when ``target``'s is not installed.
         on_fail: ``rollback`` (drop the pass and go on) or ``stop``.
         validate: ``each`` (after every pass), ``end`` (once, on the final model) or ``none``.
+        gate: ``latency`` sets the ``gate`` option of every pass that has one (and was not
+            given one in the pipeline): such a pass keeps its rewrite only if the model
+            measurably does not get slower on the target.
         strict: a rolled-back or failed pass, or a broken budget, makes the exit code non-zero.
         rtol, atol: APPROXIMATE tolerance: ``|out-ref| <= atol*max|ref| + rtol*|ref|``.
         threads: onnxruntime intra-op threads for validation.
@@ -189,6 +193,10 @@ def optimize(
     specs, named = build_pipeline(level, pipeline, config, reg)
     _unknown_with_failures(specs, reg)
     passes = resolve(specs, reg.passes)
+    if gate is not None:
+        for p, spec in zip(passes, specs):
+            if "gate" in p.options and "gate" not in spec.options:
+                p.config["gate"] = p.options["gate"].coerce(gate)
     if not named and level == 3 and budget is None:
         raise UsageError(
             "-O3 runs LOSSY passes and needs a --budget", hint='add e.g. --budget "cosine>=0.999"'

@@ -150,6 +150,12 @@ def main() -> None:
     help="Numeric check after each pass, once at the end, or never.",
 )
 @click.option(
+    "--gate",
+    type=click.Choice(["latency"]),
+    help="Passes with a latency gate keep a rewrite only if the model does not get "
+    "slower on the target (A/B-timed; figures in the pass's stats).",
+)
+@click.option(
     "--strict",
     is_flag=True,
     help="Exit 1 (3 for a crashed pass) if any pass was rolled back or the budget is not met.",
@@ -214,6 +220,7 @@ def run(
     fallback: str | None,
     on_fail: str,
     validate: str,
+    gate: str | None,
     strict: bool,
     rtol: float,
     atol: float,
@@ -267,6 +274,7 @@ def run(
         fallback=fallback,
         on_fail=on_fail,
         validate=validate,
+        gate=gate,
         strict=strict,
         rtol=rtol,
         atol=atol,

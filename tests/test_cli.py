@@ -907,3 +907,28 @@ def test_explain_names_matches_and_near_misses(tmp_path):
     assert "fuse-layernorm:" in text.stdout and "layernorm: 3 matched" in text.stdout
     bad = runner.invoke(main, ["explain", str(FIXTURES_DIR / "cnn.onnx"), "--pass", "dce"])
     assert bad.exit_code == 2 and "cannot explain" in bad.stderr
+
+
+def test_gate_latency_reaches_passes_with_a_gate(tmp_path):
+    src = copy_fixture("mlp.onnx", tmp_path)
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(src),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "-p",
+            "substitute{gate_runs=4},dce",
+            "--gate",
+            "latency",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    sub = report["passes"][0]
+    # the gate ran (its figures are in the stats) on a pass that has the option
+    assert sub["name"] == "substitute" and "gate" in sub["stats"]
+    bad = CliRunner().invoke(main, ["run", str(src), "--gate", "speed"])
+    assert bad.exit_code == 2
