@@ -67,7 +67,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         shape = None
         if value.shape is not None:
             shape = tuple(
-                d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
+                # dim_value -1 (some exporters' "dynamic") counts as unknown
+                (d if d >= 0 else None) if isinstance(d, int) else (d.value or None)
+                for d in value.shape
             )
         specs.append(InputSpec(value.name or "", np.dtype(dtype), shape))
     return specs

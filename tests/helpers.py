@@ -31,7 +31,7 @@ FIXTURES = (
 )
 # Entry-point names of the built-in plugins; tests disable them so they do not depend on
 # which built-in passes exist yet.
-BUILTIN_PLUGINS = "cleanup,fusion"
+BUILTIN_PLUGINS = "cleanup,fusion,substitution,pruning,quantization"
 
 
 def copy_fixture(name: str, dest_dir: Path) -> Path:

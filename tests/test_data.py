@@ -381,3 +381,13 @@ def test_directory_errors(tmp_path: Path):
     np.savez(rank / "a.npz", x=np.zeros((4,), np.float32))
     with pytest.raises(InputError, match=r"'x' in .*a\.npz gives samples of shape 4"):
         load_feeds(rank, specs)
+
+
+def test_dim_value_minus_one_counts_as_dynamic():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    (spec,) = input_specs(model)
+    assert spec.shape == (None, 3, 8, 8)
+    assert concrete_shape(spec, {"x": (4, 3, 8, 8)}) == (4, 3, 8, 8)

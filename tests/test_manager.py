@@ -18,6 +18,7 @@ from graphopt.testing import op_types
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 CNN = FIXTURES / "cnn.onnx"
 T = graphopt.Tolerance
+BUILTINS = ["cleanup", "fusion", "substitution", "pruning", "quantization"]
 
 
 def _scale_weights(model: ir.Model, factor: float) -> None:
@@ -59,7 +60,7 @@ def opt(pipeline, *classes, model=CNN, **kw):
         model,
         pipeline=pipeline,
         plugins=[Plugin(*classes)],
-        disable_plugins=["cleanup", "fusion"],
+        disable_plugins=BUILTINS,
         **kw,
     )
 
@@ -232,7 +233,7 @@ def test_lossy_passes_obey_the_budget_against_the_original():
 
 def test_level3_needs_a_budget():
     with pytest.raises(UsageError, match="-O3"):
-        graphopt.optimize(CNN, level=3, disable_plugins=["cleanup", "fusion"])
+        graphopt.optimize(CNN, level=3, disable_plugins=BUILTINS)
 
 
 def test_validate_end_finds_the_culprit_by_rerunning_each():
@@ -264,7 +265,7 @@ def test_requirements_skip_in_presets_and_error_when_named():
         "t.data", T.APPROXIMATE, 1 + 1e-6, level=1, requires=graphopt.Requirements(calibration=True)
     )
     r = graphopt.optimize(
-        CNN, level=1, plugins=[Plugin(needs_17, needs_data)], disable_plugins=["cleanup", "fusion"]
+        CNN, level=1, plugins=[Plugin(needs_17, needs_data)], disable_plugins=BUILTINS
     )
     got = {p.name: (p.status, p.reason) for p in r.report.passes}
     assert got["t.new"] == ("skipped", "needs opset >= 99, model has 17")

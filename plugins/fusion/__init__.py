@@ -16,6 +16,8 @@ fuse-gelu            125   gelu_erf, gelu_tanh                                  
 fuse-activations     130   hardswish*, hardsigmoid*, hardswish_from_hardsigmoid*,   APPROXIMATE
                            silu
 fuse-attention       140   attention_to_mha             (cpu / cuda targets only)   APPROXIMATE
+fuse-conv-activation 150   conv_act, conv_add_act (residual=true only)             APPROXIMATE
+                           -> com.microsoft FusedConv   (cpu / cuda targets only)
 ==================== ===== ======================================================= ===========
 
 ``*``: onnxscript's rule (onnxscript.rewriter.rules.common), some with a graphopt guard;

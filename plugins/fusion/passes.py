@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from graphopt_plugins.fusion import (
     activations,
     affine,
     attention,
     bn,
     cast,
+    conv_act,
     gelu,
     gemm,
     layernorm,
@@ -23,6 +26,7 @@ __all__ = [
     "FuseActivations",
     "FuseAttention",
     "FuseBatchNorm",
+    "FuseConvActivation",
     "FuseGelu",
     "FuseLayerNorm",
     "FuseMatMulAdd",
@@ -125,7 +129,25 @@ class FuseAttention(FusionPass):
         return attention.rules(env)
 
 
+class FuseConvActivation(FusionPass):
+    name = "fuse-conv-activation"
+    summary = ("Conv + Relu/Clip/LeakyRelu/Sigmoid/HardSigmoid/Tanh -> onnxruntime's "
+               "com.microsoft FusedConv (cpu/cuda targets only)")
+    tolerance = graphopt.Tolerance.APPROXIMATE
+    order = 150
+    needs_shapes = True
+    options: ClassVar = {
+        **FusionPass.options,
+        "residual": graphopt.Option(
+            bool, False, "also fuse Conv + Add/Sum(Z) + activation (FusedConv's Z input); "
+            "off by default: onnxruntime's NCHWc transform skips those whose Z is not NCHWc"),
+    }
+
+    def rules(self, env: Env) -> list[FusionRule]:
+        return conv_act.rules(env, residual=bool(self.config.get("residual", False)))
+
+
 ALL_PASSES: list[type[FusionPass]] = [
     FuseReshapeChains, FusePad, FuseMatMulAdd, FuseBatchNorm, FuseLayerNorm, FuseGelu,
-    FuseActivations, FuseAttention,
+    FuseActivations, FuseAttention, FuseConvActivation,
 ]
