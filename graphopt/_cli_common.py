@@ -24,6 +24,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
     logging.getLogger("graphopt").setLevel(level)
+    # onnx_ir warns while reading a broken graph that graphopt then refuses in one line
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING if verbose else logging.ERROR)
     logging.getLogger("graphopt_plugins").setLevel(level)
 
 

@@ -28,6 +28,9 @@ __all__ = ["InputSpec", "input_specs", "load_feeds", "parse_shapes", "synthesize
 
 Feed = dict[str, np.ndarray]
 
+# Synthesized validation inputs larger than this are refused (absurd declared dims).
+MAX_SYNTHETIC_BYTES = 2**31
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -66,6 +69,12 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             ) from e
         shape = None
         if value.shape is not None:
+            bad = [d for d in value.shape if isinstance(d, int) and d < -1]
+            if bad:
+                raise InputError(
+                    f"graph input {value.name!r} declares dimension {bad[0]}",
+                    hint="dimensions are >= 0, or symbolic / -1 for dynamic; re-export the model",
+                )
             shape = tuple(
                 # dim_value -1 (some exporters' "dynamic") counts as unknown
                 (d if d >= 0 else None) if isinstance(d, int) else (d.value or None)
@@ -161,6 +170,13 @@ def synthesize(
         feed: Feed = {}
         for spec in specs:
             shape = concrete_shape(spec, shapes)
+            elements = int(np.prod(shape, dtype=np.float64))
+            if elements * spec.dtype.itemsize > MAX_SYNTHETIC_BYTES:
+                raise InputError(
+                    f"input {spec.name!r} of shape {list(shape)} would need "
+                    f"{elements * spec.dtype.itemsize / 2**30:.1f} GiB of synthetic data",
+                    hint="give smaller sizes with --shape, or real inputs with --inputs",
+                )
             kind = spec.dtype.kind
             if kind == "f":
                 arr = rng.standard_normal(shape).astype(spec.dtype)

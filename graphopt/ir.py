@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
+def _message(exc: BaseException, limit: int = 300) -> str:
+    """The whole message on one line (the checker splits the node's name onto a second)."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     for line in text.splitlines():
@@ -132,7 +137,7 @@ def check_proto(proto: onnx.ModelProto, source: str, path: Path | None = None) -
             onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise InputError(
-            f"the ONNX checker rejects {source}: {first_line(e)}",
+            f"the ONNX checker rejects {source}: {_message(e)}",
             hint="fix the exporter output, or re-export with a supported opset",
         ) from e
 
@@ -227,7 +232,13 @@ def checked_model(proto: onnx.ModelProto, source: str, path: Path | None = None)
         model = from_proto(proto, source, base_dir)
         from onnx_ir.passes.common import TopologicalSortPass
 
-        TopologicalSortPass()(model)
+        try:
+            TopologicalSortPass()(model)
+        except ValueError:  # a cycle: no order exists
+            raise InputError(
+                f"the graph of {source} has a cycle (a node depends on its own output)",
+                hint="fix the exporter output",
+            ) from None
         try:
             onnx.checker.check_model(to_proto(model))
         except Exception:

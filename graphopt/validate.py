@@ -188,8 +188,45 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def compare_output(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> OutputMetrics:
-    """Metrics for one output over all samples."""
+def _numeric(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype.kind in "biufc"
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Exact equality of any onnxruntime output: tensors (NaN equal to NaN), string
+    tensors, sequences (lists) and optionals (None)."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.kind in "fc":
+            return bool(np.array_equal(a, b, equal_nan=True))
+        return bool(np.array_equal(a, b))
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    return bool(a is None and b is None) or (
+        not isinstance(a, np.ndarray | list | tuple | dict) and a == b
+    )
+
+
+def compare_output(refs: Sequence[Any], outs: Sequence[Any]) -> OutputMetrics:
+    """Metrics for one output over all samples.
+
+    Sequence, optional and string outputs have no error metrics: they either match
+    exactly (perfect metrics) or are reported as a mismatch.
+    """
+    if not all(_numeric(r) and _numeric(o) for r, o in zip(refs, outs)):
+        if all(_same_value(r, o) for r, o in zip(refs, outs)):
+            return OutputMetrics()
+        return OutputMetrics(
+            max_abs=float("inf"),
+            max_rel=float("inf"),
+            cosine=0.0,
+            cosine_min=0.0,
+            sqnr=float("-inf"),
+            mismatch="non-numeric output (sequence, optional or string) changed",
+        )
     m = OutputMetrics()
     cosines = []
     sig = noise = 0.0
@@ -470,8 +507,12 @@ class Validator:
             base = previous if previous is not None else self.reference
             for name in base[0] if base else ():
                 for i, (b, o) in enumerate(zip(base, outs)):
-                    if name not in o or not _identical(b[name], o[name]):
-                        m = compare_output([b[name]], [o.get(name, np.empty(0))])
+                    if name not in o or not _same_value(b[name], o[name]):
+                        m = (
+                            compare_output([b[name]], [o[name]])
+                            if name in o
+                            else OutputMetrics(max_abs=float("inf"), mismatch="output missing")
+                        )
                         return Check(
                             False,
                             f"output {name!r} changed (sample {i}, max abs "
@@ -482,7 +523,7 @@ class Validator:
         elif tolerance is Tolerance.APPROXIMATE:
             for name in self.reference[0] if self.reference else ():
                 for i, (r, o) in enumerate(zip(self.reference, outs)):
-                    why = self._approx_reason(r[name], o.get(name))
+                    why = self._approx_reason(r[name], o[name]) if name in o else "missing"
                     if why:
                         return Check(
                             False, f"output {name!r} sample {i}: {why}", result.metrics, outs
@@ -495,9 +536,9 @@ class Validator:
                 return Check(False, "budget broken: " + ", ".join(broken), result.metrics, outs)
         return result
 
-    def _approx_reason(self, ref: np.ndarray, out: np.ndarray | None) -> str | None:
-        if out is None:
-            return "missing"
+    def _approx_reason(self, ref: Any, out: Any) -> str | None:
+        if not (_numeric(ref) and _numeric(out)):
+            return None if _same_value(ref, out) else "non-numeric output changed"
         if ref.shape != out.shape or ref.dtype != out.dtype:
             return f"{out.dtype}{list(out.shape)} instead of {ref.dtype}{list(ref.shape)}"
         if ref.dtype.kind != "f":
@@ -522,11 +563,3 @@ class Validator:
                 f"atol={self.atol:g}, scale={scale:.3g})"
             )
         return None
-
-
-def _identical(a: np.ndarray, b: np.ndarray) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.dtype.kind == "f":
-        return bool(np.array_equal(a, b, equal_nan=True))
-    return bool(np.array_equal(a, b))
