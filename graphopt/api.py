@@ -302,7 +302,7 @@ def optimize(
             worst_tol = _loosest(passes, applied)
             reason = ""
             if validate == "end" and worst_tol is not None:
-                check = validator.check(gir.to_proto(result_model), worst_tol)
+                check = validator.check(result_model, worst_tol)
                 if not check.ok:
                     reason = check.reason
             if not reason and budget is not None:

@@ -249,7 +249,9 @@ class PassManager:
             return Check(False, reason or "cannot serialize")
         if not numeric or self.validator is None:
             return Check(True)
-        return self.validator.check(proto, tolerance, previous)
+        # a large model goes to onnxruntime as files with external data, not as one proto
+        large = gir.weight_bytes(candidate) > gir.EXTERNAL_DATA_THRESHOLD
+        return self.validator.check(candidate if large else proto, tolerance, previous)
 
     def _report(self, index: int, total: int, rec: PassRecord) -> None:
         if self.progress is not None:

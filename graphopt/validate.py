@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import difflib
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,8 +107,11 @@ class Runner:
         )
 
     def session(self, model: ir.Model | onnx.ModelProto) -> Any:
-        """An InferenceSession for the model; raises RuntimeError with onnxruntime's text."""
-        proto = model if isinstance(model, onnx.ModelProto) else gir.to_proto(model)
+        """An InferenceSession for the model; raises RuntimeError with onnxruntime's text.
+
+        A model whose weights pass protobuf's 2 GiB limit is handed to onnxruntime as a
+        file with external data in a temporary folder (it cannot be serialized whole).
+        """
         opts = self._ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
@@ -117,6 +122,12 @@ class Runner:
             else self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
         try:
+            if isinstance(model, ir.Model) and _large(model):
+                with tempfile.TemporaryDirectory(prefix="graphopt-session-") as folder:
+                    path = Path(folder) / "model.onnx"
+                    gir.save(model, path, external_data=True)
+                    return self._ort.InferenceSession(str(path), opts, providers=self.providers)
+            proto = model if isinstance(model, onnx.ModelProto) else gir.to_proto(model)
             return self._ort.InferenceSession(
                 proto.SerializeToString(), opts, providers=self.providers
             )
@@ -186,6 +197,10 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     if na == 0.0 or nb == 0.0:
         return 0.0
     return float(np.dot(a, b) / (na * nb))
+
+
+def _large(model: ir.Model) -> bool:
+    return gir.weight_bytes(model) > gir.EXTERNAL_DATA_THRESHOLD
 
 
 def _numeric(x: Any) -> bool:
@@ -428,11 +443,14 @@ def structural(
         what = changed[0] if changed else f"{len(sig)} instead of {len(signature)}"
         return f"graph inputs/outputs changed ({what})", None
     try:
-        proto = gir.to_proto(model)
+        large = _large(model)
+        proto = gir.to_proto(model, inline_external=not large)
     except Exception as e:
         return f"cannot serialize: {gir.first_line(e)}", None
     try:
-        if proto.ByteSize() < gir.EXTERNAL_DATA_THRESHOLD:
+        # a model past 2 GiB keeps its weights external; the checker cannot take it whole
+        # (onnxruntime still loads it, from files, for the numeric check)
+        if not large:
             onnx.checker.check_model(proto)
     except Exception as e:
         return f"ONNX checker: {gir.first_line(e)}", proto
