@@ -225,12 +225,6 @@ def test_external_weights_are_not_copied(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="graphopt/validate.py Runner.session() serializes the model with its external data "
-    "inlined: over 2 GiB protobuf cannot serialize ('Failed to serialize proto'), so any model "
-    "over 2 GB is refused with exit 2, even with --validate none (peak 5.4 GB before failing)",
-)
 def test_over_2gb_external_model_through_O1(tmp_path: Path):
     free = shutil.disk_usage(tmp_path).free
     if free < 6e9:
