@@ -156,6 +156,7 @@ class PassManager:
             previous = self.validator.reference
         records: list[PassRecord] = []
         stopped_by: str | None = None
+        after_lossy = False  # once a LOSSY pass is in, checks run as deployed
         nodes = gir.count_nodes(current)
         nbytes = gir.weight_bytes(current)
         numeric = self.options.validate == "each" and self.validator is not None
@@ -211,7 +212,7 @@ class PassManager:
                 rec.status = "no-op"
                 self._report(index, len(passes), rec)
                 continue
-            check = self._check(candidate, signature, p.tolerance, previous, numeric)
+            check = self._check(candidate, signature, p.tolerance, previous, numeric, after_lossy)
             if check.metrics:
                 rec.metrics = {k: m.as_dict() for k, m in check.metrics.items()}
             if not check.ok:
@@ -232,6 +233,7 @@ class PassManager:
                 previous = check.outputs
             nodes, nbytes = gir.count_nodes(current), gir.weight_bytes(current)
             rec.status = "applied"
+            after_lossy = after_lossy or p.tolerance is Tolerance.LOSSY
             rec.nodes_after, rec.bytes_after = nodes, nbytes
             self._report(index, len(passes), rec)
         return current, records
@@ -243,6 +245,7 @@ class PassManager:
         tolerance: Tolerance,
         previous: list[Feed] | None,
         numeric: bool,
+        after_lossy: bool,
     ) -> Check:
         reason, proto = structural(candidate, signature)
         if reason is not None or proto is None:
@@ -251,7 +254,9 @@ class PassManager:
             return Check(True)
         # a large model goes to onnxruntime as files with external data, not as one proto
         large = gir.weight_bytes(candidate) > gir.EXTERNAL_DATA_THRESHOLD
-        return self.validator.check(candidate if large else proto, tolerance, previous)
+        return self.validator.check(
+            candidate if large else proto, tolerance, previous, after_lossy=after_lossy
+        )
 
     def _report(self, index: int, total: int, rec: PassRecord) -> None:
         if self.progress is not None:

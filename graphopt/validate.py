@@ -515,9 +515,18 @@ class Validator:
         model: ir.Model | onnx.ModelProto,
         tolerance: Tolerance,
         previous: Sequence[Feed] | None = None,
+        *,
+        after_lossy: bool = False,
     ) -> Check:
-        """Numeric check of a candidate by tolerance class (see the module doc)."""
-        result = self.measure(model, deployed=tolerance is Tolerance.LOSSY)
+        """Numeric check of a candidate by tolerance class (see the module doc).
+
+        ``after_lossy``: a LOSSY pass is already committed. Then every check runs as
+        deployed (like the LOSSY check whose outputs are ``previous``), an APPROXIMATE pass
+        is held to its tolerance against ``previous`` (the original is already further
+        away than that), and the budget against the original still applies.
+        """
+        deployed = after_lossy or tolerance is Tolerance.LOSSY
+        result = self.measure(model, deployed=deployed)
         if not result.ok or result.outputs is None:
             return result
         outs = result.outputs
@@ -539,13 +548,18 @@ class Validator:
                             outs,
                         )
         elif tolerance is Tolerance.APPROXIMATE:
-            for name in self.reference[0] if self.reference else ():
-                for i, (r, o) in enumerate(zip(self.reference, outs)):
+            base = previous if after_lossy and previous is not None else self.reference
+            for name in base[0] if base else ():
+                for i, (r, o) in enumerate(zip(base, outs)):
                     why = self._approx_reason(r[name], o[name]) if name in o else "missing"
                     if why:
                         return Check(
                             False, f"output {name!r} sample {i}: {why}", result.metrics, outs
                         )
+            if after_lossy and self.budget is not None:
+                broken = self.budget.violations(result.metrics)
+                if broken:
+                    return Check(False, "budget broken: " + ", ".join(broken), result.metrics, outs)
         else:
             if self.budget is None:
                 return Check(False, "a LOSSY pass needs --budget", result.metrics, outs)

@@ -324,3 +324,14 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     assert onnx.load(out).SerializeToString() == r.model_proto.SerializeToString()
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
     assert r.report.output == str(out)
+
+
+def test_passes_after_a_lossy_one_are_held_to_the_lossy_model():
+    # an APPROXIMATE pass after a LOSSY one is compared with the committed (lossy) model,
+    # not with the original, which is already further away than its tolerance
+    lossy = make_pass("t.lossy", T.LOSSY, 1.05)
+    tiny = make_pass("t.tiny", T.APPROXIMATE, 1 + 1e-6)
+    big = make_pass("t.big", T.APPROXIMATE, 1.5)
+    r = opt("t.lossy,t.tiny,t.big", lossy, tiny, big, budget="cosine>=0.5")
+    assert statuses(r) == [("t.lossy", "applied"), ("t.tiny", "applied"), ("t.big", "rolled-back")]
+    assert r.report.final["status"] == "ok"
