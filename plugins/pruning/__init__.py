@@ -1,8 +1,30 @@
-"""pruning passes (work in progress)."""
+"""Weight-pruning passes (LOSSY, always under a ``--budget`` against the original model).
+
+================ ===== ===================================================== ===============
+pass             order what                                                  level
+================ ===== ===================================================== ===============
+prune-channels   300   structured: dependency groups on the graph, channel   -O3 (needs
+                       ranking from weights + calibration data, least-squares calibration)
+                       refit of the consumers, per-group ratios searched to
+                       fit the budget; removes FLOPs, so onnxruntime is faster
+prune-magnitude  310   unstructured: zero the smallest weights (per layer or by name only
+                       global); smaller compressed, *not* faster in onnxruntime
+================ ===== ===================================================== ===============
+
+``groups.py`` has the dependency analysis, ``_recover.py`` statistics / importance / refit,
+``_apply.py`` applies a plan, ``channels.py`` and ``magnitude.py`` are the passes.
+"""
+
+from graphopt_plugins.pruning.channels import PruneChannels
+from graphopt_plugins.pruning.magnitude import PruneMagnitude
 
 import graphopt
+
+ALL_PASSES = (PruneChannels, PruneMagnitude)
 
 
 @graphopt.hookimpl
 def graphopt_register_passes(register):
-    """No pruning passes yet."""
+    """Register the pruning passes."""
+    for cls in ALL_PASSES:
+        register(cls)

@@ -1,0 +1,147 @@
+"""Apply a pruning plan (channels removed per group, recovered sink weights) to a model.
+
+Every constant touched gets a new initializer (the old one, shared with the model the
+manager keeps, is never written); Constant nodes and initializers left without users are
+removed; shapes recorded on the values that carried pruned channels are cleared so
+onnxruntime re-infers them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ._graph import Names, const, drop_dead_constants, set_const_input
+from .groups import Group
+
+__all__ = ["Plan", "apply_plan"]
+
+
+@dataclass
+class Plan:
+    """What to do to a model.
+
+    Attributes:
+        removed: group id -> sorted channel indices that leave the model.
+        overrides: (node index, input index) -> (array, axes already cut): a replacement for
+            that constant (e.g. a refitted sink weight whose input axis is already reduced);
+            cuts on the other axes still apply.
+        add_bias: node index of a MatMul sink -> a bias to add after it (inserted Add).
+    """
+
+    removed: dict[int, np.ndarray] = field(default_factory=dict)
+    overrides: dict[tuple[int, int], tuple[np.ndarray, frozenset[int]]] = field(
+        default_factory=dict
+    )
+    add_bias: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def channels_removed(self) -> int:
+        return int(sum(len(r) for r in self.removed.values()))
+
+
+def cut_positions(
+    groups: Sequence[Group], removed: Mapping[int, np.ndarray]
+) -> dict[tuple[int, int], dict[int, np.ndarray]]:
+    """(node, input) -> axis -> sorted positions to delete, over every group's cuts."""
+    acc: dict[tuple[int, int], dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
+    for g in groups:
+        rem = removed.get(g.id)
+        if rem is None or len(rem) == 0:
+            continue
+        for c in g.cuts:
+            acc[(c.node, c.input)][c.axis].append(c.layout.positions(rem))
+    return {
+        key: {axis: np.unique(np.concatenate(parts)) for axis, parts in axes.items()}
+        for key, axes in acc.items()
+    }
+
+
+def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.Node]:
+    """Change ``model`` in place; returns the node list the group indices refer to."""
+    graph = model.graph
+    nodes = list(graph)
+    names = Names(model)
+    cuts = cut_positions(groups, plan.removed)
+    old_values: list[ir.Value] = []
+    for key in sorted(set(cuts) | set(plan.overrides)):
+        i, j = key
+        node = nodes[i]
+        current = node.inputs[j] if j < len(node.inputs) else None
+        if key in plan.overrides:
+            arr, done = plan.overrides[key]
+            dtype = arr.dtype
+        else:
+            if current is None:  # an empty bias slot that recovery did not fill
+                continue
+            arr = const(current)
+            if arr is None:  # pragma: no cover - the analysis only cuts constants
+                raise ValueError(f"input {j} of {node.op_type} '{node.name}' is not constant")
+            done = frozenset()
+            dtype = arr.dtype
+        for axis, pos in sorted(cuts.get(key, {}).items()):
+            if axis in done:
+                continue
+            arr = np.delete(arr, pos, axis=axis)
+        set_const_input(graph, node, j, np.ascontiguousarray(arr.astype(dtype)), names, "pruned")
+        if current is not None:
+            old_values.append(current)
+
+    touched = [g for g in groups if len(plan.removed.get(g.id, ())) > 0]
+    fixes: dict[tuple[int, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for g in touched:
+        for i in g.depthwise:
+            node = nodes[i]
+            w = const(node.inputs[1])
+            assert w is not None
+            node.attributes["group"] = ir.AttrInt64("group", int(w.shape[0]))
+        for i, j, element, inner in g.reshapes:
+            fixes[(i, j)][element] += len(plan.removed[g.id]) * inner
+    for (i, j), less in sorted(fixes.items()):
+        node = nodes[i]
+        target = const(node.inputs[j])
+        assert target is not None
+        new = np.array(target, dtype=target.dtype).copy()
+        flat = new.reshape(-1)
+        for element, n in less.items():
+            flat[element] -= n
+        old_values.append(node.inputs[j])
+        set_const_input(graph, node, j, new, names, "pruned")
+
+    for i, bias in sorted(plan.add_bias.items()):
+        out_cut = cuts.get((i, 1), {}).get(1)  # the MatMul's own output channels
+        if out_cut is not None:
+            bias = np.delete(bias, out_cut)
+        _insert_bias(graph, nodes[i], bias, names)
+
+    by_name = {v.name: v for n in nodes for v in n.outputs if v.name}
+    for g in touched:
+        for name in g.members:
+            value = by_name.get(name)
+            if value is not None and not value.is_graph_output():
+                value.shape = None
+    drop_dead_constants(graph, old_values)
+    return nodes
+
+
+def _insert_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray, names: Names) -> None:
+    """``y = MatMul(...)`` becomes ``y' = MatMul(...); y = Add(y', bias)`` for its users."""
+    out = node.outputs[0]
+    b_name = names.fresh(f"{node.name or 'matmul'}_bias")
+    b = ir.Value(
+        name=b_name,
+        shape=ir.Shape(bias.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)),
+        const_value=ir.tensor(np.ascontiguousarray(bias), name=b_name),
+    )
+    graph.register_initializer(b)
+    uses = list(out.uses())
+    add = ir.Node("", "Add", inputs=[out, b], name=names.fresh(f"{node.name or 'matmul'}_bias_add"))
+    add.outputs[0].name = names.fresh(f"{out.name}_biased")
+    add.outputs[0].type = out.type
+    graph.insert_after(node, add)
+    for user, idx in uses:
+        user.replace_input_with(idx, add.outputs[0])

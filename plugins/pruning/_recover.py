@@ -1,0 +1,583 @@
+"""Data statistics at the sinks, channel importance, and recovery without training.
+
+For every sink (the Conv / Gemm / MatMul that consumes a group's channels through its weight)
+the calibration activations at its input are reduced to per-position statistics: mean,
+mean |x|, mean x^2 and, when the sink is a matrix product over channels (Gemm, MatMul, 1x1
+Conv; at most ``max_gram`` input channels), the Gram matrix ``G = sum x^T x``.
+
+Recovery (layer-wise reconstruction). A sink computes ``Y = X W + b`` (``W`` is
+``[Cin, Cout]``; for a 1x1 Conv ``W[:, :, 0, 0].T``). With the kept input positions ``K``
+and the centered covariance ``S = G / n - mu mu^T``, the refit solves::
+
+    min ||Xc_K W' - Xc W||^2 + lam ||W' - W_K||^2
+    (S_KK + lam I) W' = S_K: W + lam W_K,      lam = mean(diag(S_KK)) (ridge + 0.3 k / n)
+    b' = b + mu W - mu_K W'                    (the mean of what left folds into the bias)
+
+so the sink's output on the calibration data stays as close as a linear map of the kept
+channels allows (``k`` unknowns per output, ``n`` calibration rows: the fewer rows, the
+closer the refit stays to the original weights). :func:`sequential_plan` does the same sink
+by sink against the inputs of the partly pruned model. Sinks without a Gram matrix
+(k x k Conv) get the bias term only: ``b' = b + sum_{r removed} mu_r * sum_spatial W[:, r]``.
+A MatMul sink's bias is the constant of the Add that follows it (or a new Add).
+
+Importance. ``obs`` (the default when every sink has a Gram matrix) ranks channels by
+greedy Optimal-Brain-Surgeon elimination on ``H = S + lam I``: removing position ``p`` with
+the best refit of the rest costs ``||W_p||^2 / [H^-1]_pp`` (relative to the sink's output
+energy, summed over the group's sinks); the cheapest leaves first and ``W``, ``H^-1`` are
+updated. ``output`` ranks by ``std(x_c) * ||W_c||`` (the error of removing ``c`` with mean
+compensation), ``l1`` / ``l2`` by the producers' weight rows, ``bn`` by the BatchNorm scale
+``|gamma| / sqrt(var + eps)``, ``activation`` by mean ``|x_c|`` at the sinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ._apply import Plan
+from ._graph import const, run_with_values
+from .groups import Group
+
+__all__ = [
+    "SinkStats",
+    "build_plan",
+    "channel_order",
+    "collect_stats",
+    "merge_stats",
+    "sequential_plan",
+]
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class SinkStats:
+    """Calibration statistics at one sink's input."""
+
+    node: int
+    kind: str  # conv | gemm | matmul
+    n: int
+    mean: np.ndarray  # [Cin]
+    mean_abs: np.ndarray
+    mean_sq: np.ndarray
+    gram: np.ndarray | None  # [Cin, Cin] sum of x^T x (None: diagonal statistics only)
+
+    @property
+    def cov(self) -> np.ndarray:
+        assert self.gram is not None
+        return self.gram / max(self.n, 1) - np.outer(self.mean, self.mean)
+
+    @property
+    def var(self) -> np.ndarray:
+        return np.maximum(self.mean_sq - self.mean**2, 0.0)
+
+
+def sink_matrix(node: ir.Node, kind: str) -> tuple[np.ndarray | None, str]:
+    """The sink's weight as ``[Cin, Cout]`` float64 when it is a product over channels
+    (None for a k x k Conv), and why not."""
+    w = const(node.inputs[1])
+    assert w is not None
+    if kind == "conv":
+        if any(d != 1 for d in w.shape[2:]):
+            return None, "kernel"
+        return w.reshape(w.shape[0], w.shape[1]).T.astype(np.float64), ""
+    if kind == "gemm":
+        return (w.T if node.attributes.get_int("transB", 0) else w).astype(np.float64), ""
+    return w.astype(np.float64), ""
+
+
+def _rows(node: ir.Node, kind: str, x: np.ndarray, lin: bool) -> np.ndarray:
+    """Activations at the sink's input as [positions, Cin]."""
+    if kind == "conv":
+        if lin:
+            strides = list(node.attributes.get_ints("strides", [1] * (x.ndim - 2)))
+            pads = list(node.attributes.get_ints("pads", [0] * (2 * (x.ndim - 2))))
+            if not any(pads):
+                x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+        return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+    if kind == "gemm":
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def collect_stats(
+    model: ir.Model,
+    groups: Sequence[Group],
+    feeds: Sequence[Feed],
+    *,
+    max_gram: int = 4096,
+) -> dict[int, SinkStats]:
+    """Statistics at every sink of the prunable groups, over ``feeds``."""
+    nodes = list(model.graph)
+    sinks: dict[int, str] = {}
+    for g in groups:
+        if g.prunable:
+            for s in g.sinks:
+                sinks[s.node] = s.kind
+    wanted = [(nodes[i].inputs[0].name, i) for i in sinks]  # a value may feed several sinks
+    linear = {i: sink_matrix(nodes[i], kind)[0] is not None for i, kind in sinks.items()}
+    acc: dict[int, dict[str, object]] = {}
+    for outs in run_with_values(model, feeds, sorted({name for name, _ in wanted})):
+        for name, i in wanted:
+            node, kind = nodes[i], sinks[i]
+            x = np.asarray(outs[name], dtype=np.float64)
+            lin = linear[i]
+            rows = _rows(node, kind, x, lin)
+            a = acc.setdefault(i, {"n": 0, "sum": 0.0, "abs": 0.0, "sq": 0.0, "gram": None})
+            a["n"] = int(a["n"]) + rows.shape[0]  # type: ignore[call-overload]
+            a["sum"] = a["sum"] + rows.sum(0)  # type: ignore[operator]
+            a["abs"] = a["abs"] + np.abs(rows).sum(0)  # type: ignore[operator]
+            a["sq"] = a["sq"] + (rows**2).sum(0)  # type: ignore[operator]
+            if lin and rows.shape[1] <= max_gram:
+                gram = rows.T @ rows
+                a["gram"] = gram if a["gram"] is None else a["gram"] + gram  # type: ignore[operator]
+    stats = {}
+    for i, a in acc.items():
+        n = max(int(a["n"]), 1)  # type: ignore[call-overload]
+        stats[i] = SinkStats(
+            node=i,
+            kind=sinks[i],
+            n=n,
+            mean=np.asarray(a["sum"]) / n,
+            mean_abs=np.asarray(a["abs"]) / n,
+            mean_sq=np.asarray(a["sq"]) / n,
+            gram=a["gram"],  # type: ignore[arg-type]
+        )
+    return stats
+
+
+# ---------------------------------------------------------------------------- importance
+
+
+RIDGE_PER_UNKNOWN = 0.3
+
+
+def _ridge(s_kk_diag: np.ndarray, ridge: float, rows: int | None = None) -> float:
+    """``lam = mean(diag S_KK) * (ridge + 0.3 k / rows)``: the fewer calibration rows per
+    unknown, the closer the refit stays to the original weights (an SE block's squeeze
+    conv sees one row per sample)."""
+    scale = float(np.mean(s_kk_diag)) if s_kk_diag.size else 0.0
+    extra = RIDGE_PER_UNKNOWN * s_kk_diag.size / rows if rows else 0.0
+    return max((ridge + extra) * scale, 1e-12)
+
+
+def channel_order(
+    model: ir.Model,
+    g: Group,
+    stats: Mapping[int, SinkStats],
+    method: str,
+    *,
+    ridge: float = 1e-2,
+    upto: float = 1.0,
+) -> tuple[np.ndarray, str]:
+    """Channel indices of ``g`` from least to most important, and the method used."""
+    nodes = list(model.graph)
+    c = g.channels
+    mats = []
+    for s in g.sinks:
+        st = stats.get(s.node)
+        w, _ = sink_matrix(nodes[s.node], s.kind)
+        mats.append((s, st, w))
+    lin = all(st is not None and st.gram is not None and w is not None for _, st, w in mats)
+    if method == "auto":
+        method = (
+            "obs" if lin and mats and all(s.layout.inner == 1 for s, _, _ in mats) else "output"
+        )
+    if method == "obs" and not (lin and mats and all(s.layout.inner == 1 for s, _, _ in mats)):
+        method = "output"
+    if method == "obs":
+        return _obs_order(g, mats, ridge, upto), method
+    score = np.zeros(c)
+    if method in ("output", "activation"):
+        for s, st, _ in mats:
+            if st is None:
+                continue
+            node = nodes[s.node]
+            w = const(node.inputs[1])
+            assert w is not None
+            in_axis = (
+                1
+                if s.kind == "conv"
+                else (1 if s.kind == "gemm" and node.attributes.get_int("transB", 0) else 0)
+            )
+            wr = np.moveaxis(w.astype(np.float64), in_axis, 0)
+            wr = wr.reshape(wr.shape[0], -1)
+            pos = s.layout.positions(np.arange(c)).reshape(c, s.layout.inner)
+            if method == "output":
+                per_pos = np.sqrt(st.var) * np.linalg.norm(wr, axis=1)
+                energy = float(np.sqrt(np.sum(per_pos**2))) or 1.0
+            else:
+                per_pos = st.mean_abs
+                energy = float(np.mean(per_pos)) or 1.0
+            score += per_pos[pos].sum(1) / energy
+    elif method == "bn":
+        for cut in g.cuts:
+            node = nodes[cut.node]
+            if node.op_type == "BatchNormalization" and cut.input == 1:
+                gamma, var = const(node.inputs[1]), const(node.inputs[4])
+                assert gamma is not None and var is not None
+                eps = node.attributes.get_float("epsilon", 1e-5)
+                sc = np.abs(gamma) / np.sqrt(var + eps)
+                score += sc[cut.layout.positions(np.arange(c))] / (np.mean(sc) or 1.0)
+                break
+        else:
+            method = "l1"
+    if method in ("l1", "l2"):
+        for cut in g.cuts:
+            if cut.role != "producer" or cut.input != 1:
+                continue
+            w = const(nodes[cut.node].inputs[1])
+            assert w is not None
+            wr = np.moveaxis(w.astype(np.float64), cut.axis, 0).reshape(w.shape[cut.axis], -1)
+            norm = np.abs(wr).sum(1) if method == "l1" else np.linalg.norm(wr, axis=1)
+            lay = cut.layout
+            norm = norm[lay.positions(np.arange(c)).reshape(c, lay.inner)].sum(1)
+            score += norm / (np.mean(norm) or 1.0)
+    return np.argsort(score, kind="stable"), method
+
+
+def _obs_order(g: Group, mats: list, ridge: float, upto: float) -> np.ndarray:
+    """Greedy OBS elimination order over the group's sinks (see the module doc)."""
+    c = g.channels
+    state = []
+    for s, st, w in mats:
+        cov = st.cov
+        lam = _ridge(np.diag(cov), ridge, st.n)
+        h = cov + lam * np.eye(cov.shape[0])
+        try:
+            hinv = np.linalg.inv(h)
+        except np.linalg.LinAlgError:
+            hinv = np.linalg.pinv(h)
+        energy = float(np.sum(w * (cov @ w))) or 1.0
+        pos = s.layout.positions(np.arange(c))
+        state.append([hinv, w.copy(), energy, pos])
+    alive = np.ones(c, dtype=bool)
+    order: list[int] = []
+    limit = max(1, min(c - 1, int(np.ceil(upto * c))))
+    step = max(1, c // 64)
+    while len(order) < limit:
+        cost = np.zeros(c)
+        for hinv, w, energy, pos in state:
+            d = np.maximum(np.diag(hinv)[pos], 1e-30)
+            cost += np.sum(w[pos] ** 2, axis=1) / d / energy
+        cost[~alive] = np.inf
+        take = min(step, limit - len(order))
+        chosen = np.argsort(cost, kind="stable")[:take]
+        for hinv, w, _, pos in state:
+            p = pos[chosen]
+            hbb = hinv[np.ix_(p, p)]
+            try:
+                solve_w = np.linalg.solve(hbb, w[p])
+                solve_h = np.linalg.solve(hbb, hinv[p])
+            except np.linalg.LinAlgError:
+                solve_w = np.linalg.lstsq(hbb, w[p], rcond=None)[0]
+                solve_h = np.linalg.lstsq(hbb, hinv[p], rcond=None)[0]
+            hcol = hinv[:, p]
+            w -= hcol @ solve_w
+            hinv -= hcol @ solve_h
+            w[p] = 0.0
+        alive[chosen] = False
+        order.extend(int(x) for x in chosen)
+    rest = [i for i in range(c) if alive[i]]
+    return np.asarray(order + rest, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------- recovery
+
+
+def build_plan(
+    model: ir.Model,
+    groups: Sequence[Group],
+    removed: Mapping[int, np.ndarray],
+    stats: Mapping[int, SinkStats],
+    recovery: str,
+    *,
+    ridge: float = 1e-2,
+) -> tuple[Plan, dict[str, int]]:
+    """A :class:`Plan` for ``removed`` with the sinks recovered by ``recovery``
+    (``lsq``: refit + bias; ``bias``: bias only; ``none``); also counts of what was done."""
+    plan = Plan(removed={k: np.asarray(v, dtype=np.int64) for k, v in removed.items()})
+    counts = {"refit": 0, "bias_only": 0, "no_bias_slot": 0}
+    if recovery == "none":
+        return plan, counts
+    nodes = list(model.graph)
+    by_sink: dict[int, list[np.ndarray]] = {}
+    kinds: dict[int, str] = {}
+    for g in groups:
+        rem = plan.removed.get(g.id)
+        if rem is None or len(rem) == 0:
+            continue
+        for s in g.sinks:
+            by_sink.setdefault(s.node, []).append(s.layout.positions(rem))
+            kinds[s.node] = s.kind
+    for i, parts in sorted(by_sink.items()):
+        st = stats.get(i)
+        if st is None:
+            continue
+        node, kind = nodes[i], kinds[i]
+        removed_pos = np.unique(np.concatenate(parts))
+        w_full = const(node.inputs[1])
+        assert w_full is not None
+        dtype = w_full.dtype
+        cin = st.mean.shape[0]
+        kept = np.setdiff1d(np.arange(cin), removed_pos)
+        w, _ = sink_matrix(node, kind)
+        if recovery == "lsq" and w is not None and st.gram is not None:
+            cov = st.cov
+            s_kk = cov[np.ix_(kept, kept)]
+            lam = _ridge(np.diag(s_kk), ridge, st.n)
+            rhs = cov[kept] @ w + lam * w[kept]
+            try:
+                w_new = np.linalg.solve(s_kk + lam * np.eye(len(kept)), rhs)
+            except np.linalg.LinAlgError:
+                w_new = np.linalg.lstsq(s_kk + lam * np.eye(len(kept)), rhs, rcond=None)[0]
+            delta = st.mean @ w - st.mean[kept] @ w_new
+            plan.overrides[(i, 1)] = (
+                _weight_back(node, kind, w_new, w_full),
+                frozenset({_in_axis(node, kind)}),
+            )
+            counts["refit"] += 1
+        else:
+            delta = _removed_contribution(node, kind, w_full, removed_pos, st.mean)
+            counts["bias_only"] += 1
+        if not _set_bias(plan, nodes, i, kind, delta.astype(dtype)):
+            counts["no_bias_slot"] += 1
+    return plan, counts
+
+
+def _in_axis(node: ir.Node, kind: str) -> int:
+    if kind == "conv":
+        return 1
+    if kind == "gemm":
+        return 1 if node.attributes.get_int("transB", 0) else 0
+    return 0
+
+
+def _weight_back(node: ir.Node, kind: str, w_new: np.ndarray, w_full: np.ndarray) -> np.ndarray:
+    """A [K, Cout] refitted matrix in the sink's own weight layout."""
+    if kind == "conv":
+        return w_new.T.reshape((w_new.shape[1], w_new.shape[0], *w_full.shape[2:])).astype(
+            w_full.dtype
+        )
+    if kind == "gemm" and node.attributes.get_int("transB", 0):
+        return w_new.T.astype(w_full.dtype)
+    return w_new.astype(w_full.dtype)
+
+
+def _removed_contribution(
+    node: ir.Node, kind: str, w: np.ndarray, removed: np.ndarray, mean: np.ndarray
+) -> np.ndarray:
+    """``sum_r mean_r * W[r -> :]`` (per output channel): what the removed inputs added on
+    average."""
+    axis = _in_axis(node, kind)
+    wr = np.moveaxis(w.astype(np.float64), axis, 0)[removed]  # [R, ...]
+    if kind == "conv":
+        per = wr.reshape(wr.shape[0], wr.shape[1], -1).sum(-1)  # [R, Cout]
+    else:
+        per = wr.reshape(wr.shape[0], -1)
+    return mean[removed] @ per
+
+
+def _set_bias(plan: Plan, nodes: list[ir.Node], i: int, kind: str, delta: np.ndarray) -> bool:
+    """Add ``delta`` (per output channel of sink ``i``) to its bias; False if it has no place
+    for one."""
+    node = nodes[i]
+    if kind in ("conv", "gemm"):
+        has = len(node.inputs) > 2 and node.inputs[2] is not None
+        b = const(node.inputs[2]) if has else None
+        if has and b is None:
+            return False
+        if kind == "gemm":
+            beta = node.attributes.get_float("beta", 1.0)
+            if beta == 0.0:
+                return False
+            delta = delta / beta
+        if b is None:
+            new = delta
+        elif b.size == 1:
+            new = b.reshape(-1) + delta
+        elif b.ndim >= 1 and b.shape[-1] == delta.shape[0]:
+            new = b + delta
+        else:
+            return False
+        plan.overrides[(i, 2)] = (np.asarray(new).astype(delta.dtype), frozenset())
+        return True
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1 and not out.is_graph_output():
+        user, idx = uses[0]
+        if user.op_type == "Add" and user.domain in ("", "ai.onnx"):
+            other = user.inputs[1 - idx]
+            c = const(other)
+            if (
+                c is not None
+                and c.ndim >= 1
+                and c.shape[-1] == delta.shape[0]
+                and (c.size == c.shape[-1])
+            ):
+                j = nodes.index(user)
+                new = (c.reshape(-1) + delta).reshape(c.shape).astype(c.dtype)
+                plan.overrides[(j, 1 - idx)] = (new, frozenset())
+                return True
+    if out.is_graph_output():
+        return False
+    plan.add_bias[i] = delta
+    return True
+
+
+def merge_stats(a: Mapping[int, SinkStats], b: Mapping[int, SinkStats]) -> dict[int, SinkStats]:
+    """Statistics over the union of the samples behind ``a`` and ``b``."""
+    out = {}
+    for i in set(a) | set(b):
+        if i not in a or i not in b:
+            out[i] = a.get(i) or b[i]
+            continue
+        x, y = a[i], b[i]
+        n = x.n + y.n
+
+        def avg(
+            p: np.ndarray, q: np.ndarray, x: SinkStats = x, y: SinkStats = y, n: int = n
+        ) -> np.ndarray:
+            return (p * x.n + q * y.n) / n
+
+        gram = None if x.gram is None or y.gram is None else x.gram + y.gram
+        out[i] = SinkStats(
+            i,
+            x.kind,
+            n,
+            avg(x.mean, y.mean),
+            avg(x.mean_abs, y.mean_abs),
+            avg(x.mean_sq, y.mean_sq),
+            gram,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- sequential
+
+
+def sequential_plan(
+    model: ir.Model,
+    groups: Sequence[Group],
+    removed: Mapping[int, np.ndarray],
+    stats: Mapping[int, SinkStats],
+    feeds: Sequence[Feed],
+    *,
+    ridge: float = 1e-2,
+    cache_bytes: int = 256 << 20,
+) -> tuple[Plan, dict[str, int]]:
+    """Least-squares recovery sink by sink, in graph order, against what each sink sees in
+    the model pruned and recovered so far.
+
+    For sink ``s`` with the original input ``X`` and its input ``Xp`` (kept channels) in the
+    pruned model with every earlier sink already refitted::
+
+        (Sp + lam I) W' = Cpx W + lam W_K,   b' = b + mu W - mu_p W'
+
+    (``Sp``: covariance of ``Xp``; ``Cpx``: cross-covariance of ``Xp`` and ``X``), so each
+    sink also undoes the error that pruning upstream left in its input. A k x k Conv sink
+    gets the mean-matching bias only. One run of the partly pruned model per sink.
+    """
+    from ._apply import apply_plan
+
+    plan, counts = build_plan(model, groups, removed, stats, "lsq", ridge=ridge)
+    nodes = list(model.graph)
+    by_sink: dict[int, list[np.ndarray]] = {}
+    kinds: dict[int, str] = {}
+    for g in groups:
+        rem = plan.removed.get(g.id)
+        if rem is None or len(rem) == 0:
+            continue
+        for s in g.sinks:
+            by_sink.setdefault(s.node, []).append(s.layout.positions(rem))
+            kinds[s.node] = s.kind
+    sinks = sorted(i for i in by_sink if i in stats)
+    if not sinks or not feeds:
+        return plan, counts
+    linear = {
+        i: sink_matrix(nodes[i], kinds[i])[0] is not None and stats[i].gram is not None
+        for i in sinks
+    }
+    names = {i: nodes[i].inputs[0].name for i in sinks}
+
+    def rows_of(i: int, arr: np.ndarray) -> np.ndarray:
+        return _rows(nodes[i], kinds[i], np.asarray(arr, np.float64), linear[i])
+
+    cached: list[dict[str, np.ndarray]] | None = []
+    size = 0
+    for outs in run_with_values(model, feeds, list(names.values())):
+        size += sum(v.nbytes for v in outs.values())
+        if size > cache_bytes:
+            cached = None
+            break
+        assert cached is not None
+        cached.append({n: outs[n] for n in names.values()})
+
+    for i in sinks:
+        node, kind = nodes[i], kinds[i]
+        cand = model.clone()
+        cnodes = apply_plan(cand, groups, plan)
+        cname = cnodes[i].inputs[0].name
+        originals = (
+            cached
+            if cached is not None
+            else run_with_values(model, feeds, [names[i]], truncate=True)
+        )
+        n, sp, sx, pp, px = 0, 0.0, 0.0, 0.0, 0.0
+        for orig, got in zip(originals, run_with_values(cand, feeds, [cname], truncate=True)):
+            x = rows_of(i, orig[names[i]])
+            xp = rows_of(i, got[cname])
+            n += x.shape[0]
+            sp, sx = sp + xp.sum(0), sx + x.sum(0)
+            if linear[i]:
+                pp, px = pp + xp.T @ xp, px + xp.T @ x
+        n = max(n, 1)
+        mu_p, mu = np.asarray(sp) / n, np.asarray(sx) / n
+        w_full = const(node.inputs[1])
+        assert w_full is not None
+        kept = np.setdiff1d(np.arange(mu.shape[0]), np.unique(np.concatenate(by_sink[i])))
+        w, _ = sink_matrix(node, kind)
+        if linear[i] and w is not None:
+            s_p = np.asarray(pp) / n - np.outer(mu_p, mu_p)
+            c_px = np.asarray(px) / n - np.outer(mu_p, mu)
+            lam = _ridge(np.diag(s_p), ridge, n)
+            lhs = s_p + lam * np.eye(len(kept))
+            rhs = c_px @ w + lam * w[kept]
+            try:
+                w_new = np.linalg.solve(lhs, rhs)
+            except np.linalg.LinAlgError:
+                w_new = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+            plan.overrides[(i, 1)] = (
+                _weight_back(node, kind, w_new, w_full),
+                frozenset({_in_axis(node, kind)}),
+            )
+            delta = mu @ w - mu_p @ w_new
+        else:
+            seen = np.zeros_like(mu)
+            seen[kept] = mu_p
+            everything = np.arange(mu.shape[0])
+            delta = _removed_contribution(node, kind, w_full, everything, mu) - (
+                _removed_contribution(node, kind, w_full, everything, seen)
+            )
+        _drop_bias(plan, nodes, i, kind)
+        _set_bias(plan, nodes, i, kind, delta.astype(w_full.dtype))
+    counts["sequential"] = len(sinks)
+    return plan, counts
+
+
+def _drop_bias(plan: Plan, nodes: list[ir.Node], i: int, kind: str) -> None:
+    """Forget the bias recovery made for sink ``i`` (before setting a new one)."""
+    if kind in ("conv", "gemm"):
+        plan.overrides.pop((i, 2), None)
+        return
+    plan.add_bias.pop(i, None)
+    uses = list(nodes[i].outputs[0].uses())
+    if len(uses) == 1:
+        user, idx = uses[0]
+        for j, n in enumerate(nodes):
+            if n is user:
+                plan.overrides.pop((j, 1 - idx), None)
+                break

@@ -1,0 +1,933 @@
+"""Channel dependency groups, computed on the ONNX graph.
+
+A *group* is a set of channels that must leave the model together. It is grown from a
+*producer* (a Conv, Gemm or MatMul with constant weights, whose output channels are rows of
+its weight) by following the channel axis through the graph in both directions:
+
+* forward to *sinks*, which consume the channels through a weight (Conv with group=1: input
+  axis 1 of W; Gemm / MatMul: the K rows of B), cut along their input axis;
+* through *pass-through* nodes that keep channel ``c`` at position ``c`` (with their
+  per-channel constants cut too): BatchNormalization / InstanceNormalization, depthwise Conv
+  (``group`` follows the channel count), element-wise unary and binary ops (Relu, Clip,
+  HardSwish, Erf, Mul by a per-channel constant, com.microsoft Gelu / FastGelu / BiasGelu /
+  QuickGelu, ...), pooling, Pad / Resize that leave the channel axis alone, Transpose,
+  Squeeze / Unsqueeze, Slice / Split / Reduce* over other axes;
+* through *couplings*: a binary op whose other operand is a tensor (a residual Add, the
+  SE-block Mul) joins that tensor -- and, backwards, the producers of its channels -- to the
+  group, so every conv writing into a residual stream is pruned with the same channels;
+* through Concat with an *offset*: the channels of input ``i`` sit at ``offset_i + c`` in
+  the output, so sinks after the Concat are cut at those positions (and, backwards, a range
+  of a Concat output maps to the input that holds it);
+* through Flatten / a flatten-like Reshape into a Gemm: channel ``c`` becomes the block
+  ``[c * inner, (c + 1) * inner)`` of the Gemm's K axis (a literal target shape is fixed).
+
+A group is *not prunable* when the channels reach something that mixes them or exposes the
+count: a graph output or input, LayerNormalization / Softmax over the channel axis, a Reshape
+that splits the channels (attention heads), a grouped (non-depthwise) Conv, a Shape node, an
+op not listed above. Each such stop is recorded as a reason.
+
+Axes are tracked with the value ranks and dims observed by running the model once on a
+calibration sample (:func:`graphopt_plugins.pruning._graph.run_with_values`), so they are
+exact for that input and do not depend on ONNX shape inference (which stops at contrib ops).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ._graph import const
+
+__all__ = ["Cut", "Group", "Layout", "Sink", "analyze"]
+
+ONNX = ("", "ai.onnx")
+MS = "com.microsoft"
+
+ELEMENTWISE = frozenset({
+    "Abs", "Acos", "Acosh", "Add", "Asin", "Asinh", "Atan", "Atanh", "Cast", "Ceil", "Celu",
+    "Clip", "Cos", "Cosh", "Div", "Dropout", "Elu", "Erf", "Exp", "Floor", "Gelu",
+    "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "Log", "Max", "Mean", "Min", "Mish",
+    "Mul", "Neg", "Pow", "PRelu", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid", "Sign",
+    "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Swish", "Tan", "Tanh",
+    "ThresholdedRelu", "Where",
+})  # fmt: skip
+MS_ELEMENTWISE = frozenset({"Gelu", "FastGelu", "BiasGelu", "QuickGelu"})
+POOLS = frozenset({
+    "AveragePool", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "LpPool", "MaxPool",
+})  # fmt: skip
+REDUCES = frozenset({
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare",
+})  # fmt: skip
+NORMALIZING = frozenset({
+    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization", "Softmax",
+    "LogSoftmax", "LpNormalization", "MeanVarianceNormalization", "Hardmax",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a group's channels sit in one tensor: channel ``c`` occupies positions
+    ``[offset + c * inner, offset + (c + 1) * inner)`` along ``axis``."""
+
+    axis: int
+    offset: int = 0
+    inner: int = 1
+
+    def positions(self, channels: np.ndarray) -> np.ndarray:
+        base = self.offset + np.asarray(channels, dtype=np.int64) * self.inner
+        return (base[:, None] + np.arange(self.inner)[None, :]).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A constant input of a node cut along one of its axes when channels leave."""
+
+    node: int  # index in list(graph)
+    input: int
+    axis: int
+    layout: Layout  # positions of the channels along ``axis`` (layout.axis is ignored)
+    role: str  # producer | sink | param
+
+
+@dataclass(frozen=True)
+class Sink:
+    """A node that consumes the channels through its weight (Conv / Gemm / MatMul)."""
+
+    node: int
+    kind: str  # conv | gemm | matmul
+    layout: Layout  # positions in the sink's input channel axis
+
+
+@dataclass
+class Group:
+    """One dependency group (see the module doc)."""
+
+    id: int
+    channels: int
+    producers: list[int] = field(default_factory=list)
+    sinks: list[Sink] = field(default_factory=list)
+    cuts: list[Cut] = field(default_factory=list)
+    members: dict[str, Layout] = field(default_factory=dict)
+    depthwise: list[int] = field(default_factory=list)
+    # constants holding a dimension that shrinks: (node, input, element, positions/channel)
+    reshapes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    scaled: list[int] = field(default_factory=list)  # batched MatMuls over the channel axis
+    unit: int = 1  # producer outputs per channel (head_dim for attention-head groups)
+    kind: str = "channels"  # channels | heads
+    reasons: list[str] = field(default_factory=list)
+    nodes: set[int] = field(default_factory=set)
+    label: str = ""
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons and bool(self.producers) and self.channels > 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "group": self.label,
+            "channels": self.channels,
+            "producers": len(self.producers),
+            "sinks": len(self.sinks),
+            "prunable": self.prunable,
+            **({"reason": self.reasons[0]} if self.reasons else {}),
+        }
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or f"<{node.op_type} -> {node.outputs[0].name if node.outputs else '?'}>"
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    arr = const(value)
+    if arr is None:
+        return None
+    return [int(v) for v in np.asarray(arr).reshape(-1)]
+
+
+class _Analyzer:
+    def __init__(self, model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.graph = model.graph
+        self.nodes = list(self.graph)
+        self.index = {id(n): i for i, n in enumerate(self.nodes)}
+        self.shapes = shapes
+        self.opset = int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+    # ------------------------------------------------------------------ facts
+    def shape(self, value: ir.Value | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        arr = const(value)
+        if arr is not None:
+            return tuple(arr.shape)
+        if value.name and value.name in self.shapes:
+            return tuple(self.shapes[value.name])
+        if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+            return tuple(int(d) for d in value.shape)  # type: ignore[arg-type]
+        return None
+
+    def rank(self, value: ir.Value | None) -> int | None:
+        s = self.shape(value)
+        return None if s is None else len(s)
+
+    def producer_channels(self, node: ir.Node) -> tuple[int | None, str | None]:
+        """Output channels of a Conv/Gemm/MatMul producer, or a reason it is not one."""
+        op = node.op_type
+        w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if w is None:
+            return None, f"{op} '{_name(node)}' has a non-constant weight"
+        if w.dtype.kind != "f":
+            return None, f"{op} '{_name(node)}' has a {w.dtype} weight"
+        if op in ("Conv", "FusedConv"):
+            return int(w.shape[0]), None
+        if op == "Gemm":
+            if w.ndim != 2:
+                return None, f"Gemm '{_name(node)}' B has rank {w.ndim}"
+            trans_b = node.attributes.get_int("transB", 0)
+            return int(w.shape[0] if trans_b else w.shape[1]), None
+        if op == "MatMul":
+            if w.ndim != 2:
+                return None, f"MatMul '{_name(node)}' weight has rank {w.ndim}"
+            return int(w.shape[1]), None
+        return None, f"{op} '{_name(node)}' is not a Conv/Gemm/MatMul"
+
+    @staticmethod
+    def is_depthwise(node: ir.Node, w: np.ndarray) -> bool:
+        group = node.attributes.get_int("group", 1)
+        return group > 1 and w.shape[1] == 1 and w.shape[0] == group
+
+    def seeds(self) -> list[int]:
+        found = []
+        for i, node in enumerate(self.nodes):
+            fused = node.domain == MS and node.op_type == "FusedConv"
+            if not fused and (
+                node.domain not in ONNX or node.op_type not in ("Conv", "Gemm", "MatMul")
+            ):
+                continue
+            w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+            if w is None or w.dtype.kind != "f":
+                continue
+            if node.op_type in ("Conv", "FusedConv") and (w.ndim < 3 or self.is_depthwise(node, w)):
+                continue
+            if node.op_type in ("Gemm", "MatMul") and w.ndim != 2:
+                continue
+            found.append(i)
+        return found
+
+    # ------------------------------------------------------------------ growing
+    def grow(self, gid: int, seed: int) -> Group:
+        node = self.nodes[seed]
+        channels, _ = self.producer_channels(node)
+        g = Group(gid, int(channels or 0), label=_name(node))
+        self._queue: list[tuple[ir.Value, Layout]] = []
+        self._seen: set[tuple[int, str, int]] = set()
+        self._g = g
+        rank = self.rank(node.outputs[0])
+        if rank is None:
+            self.block(f"output of '{_name(node)}' has an unknown shape")
+            return g
+        axis = 1 if node.op_type in ("Conv", "FusedConv", "Gemm") else rank - 1
+        self.visit(node, "out", 0, Layout(axis))
+        self._drain()
+        return g
+
+    def _drain(self) -> None:
+        while self._queue:
+            value, lay = self._queue.pop()
+            producer = value.producer()
+            if producer is None:
+                self.block(f"channels reach graph input '{value.name}'")
+            elif producer.graph is not self.graph:
+                self.block(f"channels come from a subgraph value '{value.name}'")
+            else:
+                self.visit(producer, "out", producer.outputs.index(value), lay)
+            if value.is_graph_output():
+                self.block(f"channels reach graph output '{value.name}'")
+            for user, idx in list(value.uses()):
+                if user.graph is not self.graph:
+                    self.block(f"'{value.name}' is used inside a subgraph")
+                    continue
+                self.visit(user, "in", idx, lay)
+
+    def block(self, reason: str) -> None:
+        if reason not in self._g.reasons:
+            self._g.reasons.append(reason)
+
+    def join(self, value: ir.Value, lay: Layout) -> None:
+        g = self._g
+        name = value.name or f"@{id(value)}"
+        old = g.members.get(name)
+        if old is not None:
+            if old != lay:
+                self.block(f"'{value.name}' carries the channels at two positions")
+            return
+        shape = self.shape(value)
+        if shape is None:
+            self.block(f"'{value.name}' has an unknown shape")
+            return
+        if lay.axis >= len(shape) or lay.offset + g.channels * lay.inner > shape[lay.axis]:
+            self.block(
+                f"'{value.name}' of shape {list(shape)} cannot hold {g.channels} "
+                f"channels on axis {lay.axis}"
+            )
+            return
+        g.members[name] = lay
+        self._queue.append((value, lay))
+
+    def cut(self, i: int, inp: int, axis: int, lay: Layout, role: str) -> None:
+        c = Cut(i, inp, axis, lay, role)
+        if c not in self._g.cuts:
+            self._g.cuts.append(c)
+
+    def _other_outputs_unused(self, node: ir.Node) -> bool:
+        for out in node.outputs[1:]:
+            if out is not None and (out.uses() or out.is_graph_output()):
+                self.block(f"{node.op_type} '{_name(node)}' output '{out.name}' is used")
+                return False
+        return True
+
+    def visit(self, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        i = self.index.get(id(node))
+        if i is None:
+            self.block(f"'{_name(node)}' is outside the main graph")
+            return
+        key = (i, port, k)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self._g.nodes.add(i)
+        op, domain = node.op_type, node.domain
+        if domain == MS and op in MS_ELEMENTWISE:
+            return self.elementwise(i, node, port, k, lay)
+        if domain == MS and op == "FusedConv":
+            return self.op_FusedConv(i, node, port, k, lay)
+        if domain not in ONNX:
+            return self.block(f"{domain}.{op} '{_name(node)}' is not handled")
+        handler = getattr(self, f"op_{op}", None)
+        if handler is not None:
+            return handler(i, node, port, k, lay)
+        if op in ELEMENTWISE:
+            return self.elementwise(i, node, port, k, lay)
+        if op in POOLS:
+            return self.channel_preserving(i, node, port, k, lay)
+        if op in REDUCES:
+            return self.reduce(i, node, port, k, lay)
+        if op in ("Softmax", "LogSoftmax", "Hardmax"):
+            return self.softmax_like(i, node, port, k, lay)
+        if op in NORMALIZING:
+            return self.block(f"{op} '{_name(node)}' normalizes over the channels")
+        if op in ("Shape", "Size"):
+            return self.shape_reader(i, node, port, k, lay)
+        return self.block(f"{op} '{_name(node)}' is not handled")
+
+    # ------------------------------------------------------------------ weighted ops
+    def op_Conv(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if port == "in" and k > 0:
+            return self.block(f"channels are used as a weight of Conv '{_name(node)}'")
+        if w is None or w.dtype.kind != "f" or w.ndim < 3:
+            return self.block(f"Conv '{_name(node)}' has a non-constant weight")
+        if lay.axis != 1 or lay.inner != 1:
+            return self.block(f"Conv '{_name(node)}' sees the channels on axis {lay.axis}")
+        bias = len(node.inputs) > 2 and node.inputs[2] is not None
+        if bias and const(node.inputs[2]) is None:
+            return self.block(f"Conv '{_name(node)}' has a non-constant bias")
+        group = node.attributes.get_int("group", 1)
+        if self.is_depthwise(node, w):
+            self._g.depthwise.append(i)
+            self.cut(i, 1, 0, lay, "param")
+            if bias:
+                self.cut(i, 2, 0, lay, "param")
+            self._seen.update({(i, "in", 0), (i, "out", 0)})
+            self.join(node.inputs[0], lay)
+            self.join(node.outputs[0], lay)
+            return None
+        if group != 1:
+            where = "feed" if port == "in" else "come from"
+            return self.block(f"channels {where} grouped Conv '{_name(node)}' (group={group})")
+        if port == "in":
+            self._g.sinks.append(Sink(i, "conv", lay))
+            self.cut(i, 1, 1, lay, "sink")
+            return None
+        # the bias slot is cut even when empty: recovery may give the conv a bias
+        return self.add_producer(i, node, lay, [(1, 0), (2, 0)])
+
+    def op_FusedConv(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """com.microsoft FusedConv: a Conv with an element-wise activation and an optional
+        residual operand Z (input 3, shaped like the output), which joins the group."""
+        z = node.inputs[3] if len(node.inputs) > 3 else None
+        if port == "in" and k == 3:  # reached through Z: the output's channels
+            port, k = "out", 0
+        elif port == "in" and k > 0:
+            return self.block(f"channels are used as a weight of FusedConv '{_name(node)}'")
+        w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+        self.op_Conv(i, node, port, k, lay)
+        through = port == "out" or (w is not None and w.ndim >= 3 and self.is_depthwise(node, w))
+        if z is not None and through:
+            if const(z) is not None:
+                return self.block(f"FusedConv '{_name(node)}' adds a constant Z")
+            self._seen.add((i, "in", 3))
+            self.join(z, lay)
+        return None
+
+    def add_producer(self, i: int, node: ir.Node, lay: Layout, cuts: list[tuple[int, int]]) -> None:
+        channels, why = self.producer_channels(node)
+        if why:
+            return self.block(why)
+        g = self._g
+        if lay.offset != 0 or lay.inner != g.unit or channels != g.channels * lay.inner:
+            return self.block(
+                f"'{_name(node)}' has {channels} output channels, the group {g.channels} x {g.unit}"
+            )
+        if i not in self._g.producers:
+            self._g.producers.append(i)
+        for inp, axis in cuts:
+            self.cut(i, inp, axis, lay, "producer")
+        self.join(node.outputs[0], lay)
+        return None
+
+    def op_Gemm(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are used as an operand B/C of Gemm '{_name(node)}'")
+        b = const(node.inputs[1])
+        if b is None or b.ndim != 2:
+            return self.block(f"Gemm '{_name(node)}' has a non-constant B")
+        if lay.axis != 1:
+            return self.block(f"Gemm '{_name(node)}' sees the channels on axis {lay.axis}")
+        trans_b = node.attributes.get_int("transB", 0)
+        if port == "in":
+            if node.attributes.get_int("transA", 0):
+                return self.block(f"Gemm '{_name(node)}' has transA=1")
+            self._g.sinks.append(Sink(i, "gemm", lay))
+            self.cut(i, 1, 1 if trans_b else 0, lay, "sink")
+            return None
+        cuts = [(1, 0 if trans_b else 1)]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = const(node.inputs[2])
+            if c is None:
+                return self.block(f"Gemm '{_name(node)}' has a non-constant C")
+            n = b.shape[0] if trans_b else b.shape[1]
+            if c.ndim >= 1 and c.shape[-1] == n and n > 1:
+                cuts.append((2, c.ndim - 1))
+        else:
+            cuts.append((2, 0))  # recovery may give the Gemm a C
+        return self.add_producer(i, node, lay, cuts)
+
+    def op_MatMul(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k == 1 and const(node.inputs[1]) is not None:
+            return self.block(f"channels are the second operand of MatMul '{_name(node)}'")
+        if port == "in" and k == 1:
+            return self.batched_matmul(i, node, port, k, lay)
+        b = const(node.inputs[1])
+        if b is None:
+            return self.batched_matmul(i, node, port, k, lay)
+        if b.ndim != 2:
+            return self.block(f"MatMul '{_name(node)}' has a {b.ndim}-D constant operand")
+        value = node.inputs[0] if port == "in" else node.outputs[0]
+        rank = self.rank(value)
+        if rank is None or lay.axis != rank - 1:
+            return self.block(f"MatMul '{_name(node)}' sees the channels on axis {lay.axis}")
+        if port == "in":
+            self._g.sinks.append(Sink(i, "matmul", lay))
+            self.cut(i, 1, 0, lay, "sink")
+            return None
+        return self.add_producer(i, node, lay, [(1, 1)])
+
+    def batched_matmul(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """MatMul of two tensors (attention scores / context): the channels may only be a
+        batch axis (attention heads), shared by both operands and the output."""
+        out = node.outputs[0]
+        r_out = self.rank(out)
+        value = node.inputs[k] if port == "in" else out
+        r = self.rank(value)
+        if r_out is None or r is None:
+            return self.block(f"MatMul '{_name(node)}' has unknown shapes")
+        if lay.axis >= r - 2:
+            return self.block(
+                f"MatMul '{_name(node)}' multiplies two tensors over the channel axis"
+            )
+        a_out = lay.axis + r_out - r
+        if i not in self._g.scaled:
+            self._g.scaled.append(i)
+        out_shape = self.shape(out)
+        assert out_shape is not None
+        for j, inp in enumerate(node.inputs[:2]):
+            shape = self.shape(inp)
+            if shape is None:
+                return self.block(f"'{inp.name}' has an unknown shape")
+            a_j = a_out - (r_out - len(shape))
+            if a_j < 0 or shape[a_j] == 1:
+                continue
+            if shape[a_j] != out_shape[a_out]:
+                return self.block(f"MatMul '{_name(node)}' broadcasts '{inp.name}'")
+            self._seen.add((i, "in", j))
+            self.join(inp, Layout(a_j, lay.offset, lay.inner))
+        self._seen.add((i, "out", 0))
+        self.join(out, Layout(a_out, lay.offset, lay.inner))
+        return None
+
+    def softmax_like(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """Softmax / LogSoftmax / Hardmax over another axis than the channels."""
+        rank = self.rank(node.inputs[0])
+        if rank is None:
+            return self.block(f"{node.op_type} '{_name(node)}' input has an unknown shape")
+        default = -1 if self.opset >= 13 else 1
+        axis = node.attributes.get_int("axis", default) % rank
+        # before opset 13 the op flattens every axis from ``axis`` on
+        if axis == lay.axis or (self.opset < 13 and axis <= lay.axis):
+            return self.block(f"{node.op_type} '{_name(node)}' normalizes over the channels")
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        self.join(node.inputs[0], lay)
+        self.join(node.outputs[0], lay)
+        return None
+
+    def shape_reader(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """A Shape node whose result only feeds Gathers of other dimensions is harmless."""
+        reason = f"the channel count is read by {node.op_type} '{_name(node)}'"
+        if node.op_type != "Shape" or node.attributes.get_int("start", 0) != 0:
+            return self.block(reason)
+        out = node.outputs[0]
+        if out.is_graph_output():
+            return self.block(reason)
+        rank = self.rank(node.inputs[0])
+        for user, idx in out.uses():
+            if user.op_type != "Gather" or idx != 0 or user.attributes.get_int("axis", 0):
+                return self.block(reason)
+            picked = _ints(user.inputs[1])
+            if picked is None or rank is None or lay.axis in [p % rank for p in picked]:
+                return self.block(reason)
+        return None
+
+    # ------------------------------------------------------------------ pass-through ops
+    def _norm(self, i: int, node: ir.Node, port: str, lay: Layout, params: range) -> None:
+        if lay.axis != 1 or lay.inner != 1:
+            return self.block(
+                f"{node.op_type} '{_name(node)}' normalizes axis 1, the "
+                f"channels are on axis {lay.axis}"
+            )
+        for j in params:
+            if j < len(node.inputs) and node.inputs[j] is not None:
+                if const(node.inputs[j]) is None:
+                    return self.block(f"{node.op_type} '{_name(node)}' has non-constant parameters")
+                self.cut(i, j, 0, lay, "param")
+        if not self._other_outputs_unused(node):
+            return None
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        self.join(node.inputs[0], lay)
+        self.join(node.outputs[0], lay)
+        return None
+
+    def op_BatchNormalization(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are a parameter of '{_name(node)}'")
+        return self._norm(i, node, port, lay, range(1, 5))
+
+    def op_InstanceNormalization(
+        self, i: int, node: ir.Node, port: str, k: int, lay: Layout
+    ) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are a parameter of '{_name(node)}'")
+        return self._norm(i, node, port, lay, range(1, 3))
+
+    def elementwise(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        out = node.outputs[0]
+        r_out = self.rank(out)
+        if port == "out" and k > 0:
+            return self.block(f"{node.op_type} '{_name(node)}' output {k} carries channels")
+        if r_out is None:
+            return self.block(f"'{out.name}' has an unknown shape")
+        if port == "in":
+            r_in = self.rank(node.inputs[k])
+            if r_in is None:
+                return self.block(f"'{node.inputs[k].name}' has an unknown shape")
+            a_out = lay.axis + r_out - r_in
+        else:
+            a_out = lay.axis
+        out_shape = self.shape(out)
+        assert out_shape is not None
+        d = out_shape[a_out]
+        for j, inp in enumerate(node.inputs):
+            if inp is None:
+                continue
+            if node.op_type == "Dropout" and j > 0:
+                continue
+            shape = self.shape(inp)
+            if shape is None:
+                return self.block(f"'{inp.name}' has an unknown shape")
+            a_j = a_out - (r_out - len(shape))
+            if a_j < 0 or shape[a_j] == 1:
+                continue
+            if shape[a_j] != d:
+                return self.block(
+                    f"{node.op_type} '{_name(node)}' broadcasts "
+                    f"'{inp.name}' {list(shape)} against {list(out_shape)}"
+                )
+            if const(inp) is not None:
+                self.cut(i, j, a_j, Layout(a_j, lay.offset, lay.inner), "param")
+            else:
+                self._seen.add((i, "in", j))
+                self.join(inp, Layout(a_j, lay.offset, lay.inner))
+        if not self._other_outputs_unused(node):
+            return None
+        self._seen.add((i, "out", 0))
+        self.join(out, Layout(a_out, lay.offset, lay.inner))
+        return None
+
+    def channel_preserving(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """Pooling (and Pad / Resize after their checks): channel axis 1 kept as is."""
+        if port == "in" and k > 0:
+            return self.block(f"channels are a parameter of {node.op_type} '{_name(node)}'")
+        if lay.axis != 1 or lay.inner != 1:
+            return self.block(f"{node.op_type} '{_name(node)}' with channels on axis {lay.axis}")
+        if not self._other_outputs_unused(node):
+            return None
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        self.join(node.inputs[0], lay)
+        self.join(node.outputs[0], lay)
+        return None
+
+    def op_Pad(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are a parameter of Pad '{_name(node)}'")
+        pads = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        if pads is None:
+            return self.block(f"Pad '{_name(node)}' has non-constant pads")
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            return self.block(f"Pad '{_name(node)}' has an axes input")
+        rank = len(pads) // 2
+        if pads[lay.axis] or pads[lay.axis + rank]:
+            return self.block(f"Pad '{_name(node)}' pads the channel axis")
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        self.join(node.inputs[0], lay)
+        self.join(node.outputs[0], lay)
+        return None
+
+    def op_Resize(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are a parameter of Resize '{_name(node)}'")
+        scales = const(node.inputs[2]) if len(node.inputs) > 2 else None
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            return self.block(f"Resize '{_name(node)}' has explicit sizes")
+        if scales is None or scales.size <= lay.axis or float(scales[lay.axis]) != 1.0:
+            return self.block(f"Resize '{_name(node)}' may scale the channel axis")
+        return self.channel_preserving(i, node, port, k, lay)
+
+    def op_Concat(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        out = node.outputs[0]
+        rank = self.rank(out)
+        if rank is None:
+            return self.block(f"'{out.name}' has an unknown shape")
+        axis = node.attributes.get_int("axis", 0) % rank
+        if lay.axis != axis:  # concatenation along another axis: every input shares them
+            return self.elementwise(i, node, port, k, lay)
+        dims = []
+        for inp in node.inputs:
+            s = self.shape(inp)
+            if s is None:
+                return self.block(f"Concat '{_name(node)}' input has an unknown shape")
+            dims.append(s[axis])
+        starts = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+        if port == "in":
+            if const(node.inputs[k]) is not None:
+                return self.block(f"Concat '{_name(node)}' joins constants")
+            return self.join(out, Layout(axis, int(starts[k]) + lay.offset, lay.inner))
+        lo, hi = lay.offset, lay.offset + self._g.channels * lay.inner
+        for j in range(len(dims)):
+            if starts[j] <= lo and hi <= starts[j + 1]:
+                if const(node.inputs[j]) is not None:
+                    return self.block(f"channels of Concat '{_name(node)}' come from a constant")
+                self._seen.add((i, "in", j))
+                return self.join(node.inputs[j], Layout(axis, lo - int(starts[j]), lay.inner))
+        return self.block(f"channels span several inputs of Concat '{_name(node)}'")
+
+    def op_Transpose(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        rank = self.rank(node.inputs[0])
+        if rank is None:
+            return self.block(f"Transpose '{_name(node)}' input has an unknown shape")
+        perm = list(node.attributes.get_ints("perm", list(range(rank))[::-1]))
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        if port == "in":
+            self.join(node.outputs[0], Layout(perm.index(lay.axis), lay.offset, lay.inner))
+        else:
+            self.join(node.inputs[0], Layout(perm[lay.axis], lay.offset, lay.inner))
+        return None
+
+    def _axes(self, node: ir.Node, rank: int) -> list[int] | None:
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = _ints(node.inputs[1])
+        else:
+            attr = node.attributes.get("axes")
+            axes = list(attr.as_ints()) if attr is not None else None
+        return None if axes is None else sorted(a % rank for a in axes)
+
+    def op_Squeeze(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are the axes of Squeeze '{_name(node)}'")
+        shape = self.shape(node.inputs[0])
+        if shape is None:
+            return self.block(f"Squeeze '{_name(node)}' input has an unknown shape")
+        axes = self._axes(node, len(shape))
+        if axes is None:
+            if len(node.inputs) > 1 and node.inputs[1] is not None:
+                return self.block(f"Squeeze '{_name(node)}' has non-constant axes")
+            axes = [a for a, d in enumerate(shape) if d == 1]
+        kept = [a for a in range(len(shape)) if a not in axes]
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        if port == "in":
+            if lay.axis in axes:
+                return self.block(f"Squeeze '{_name(node)}' removes the channel axis")
+            return self.join(node.outputs[0], Layout(kept.index(lay.axis), lay.offset, lay.inner))
+        return self.join(node.inputs[0], Layout(kept[lay.axis], lay.offset, lay.inner))
+
+    def op_Unsqueeze(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are the axes of Unsqueeze '{_name(node)}'")
+        shape = self.shape(node.outputs[0])
+        if shape is None:
+            return self.block(f"Unsqueeze '{_name(node)}' output has an unknown shape")
+        axes = self._axes(node, len(shape))
+        if axes is None:
+            return self.block(f"Unsqueeze '{_name(node)}' has non-constant axes")
+        kept = [a for a in range(len(shape)) if a not in axes]
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        if port == "in":
+            return self.join(node.outputs[0], Layout(kept[lay.axis], lay.offset, lay.inner))
+        return self.join(node.inputs[0], Layout(kept.index(lay.axis), lay.offset, lay.inner))
+
+    def op_Flatten(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        shape = self.shape(node.inputs[0])
+        if port != "in" or shape is None:
+            return self.block(f"channels are traced backwards through Flatten '{_name(node)}'")
+        axis = node.attributes.get_int("axis", 1) % max(len(shape), 1)
+        if lay.axis < axis or any(d != 1 for d in shape[axis : lay.axis]):
+            return self.block(f"Flatten '{_name(node)}' mixes the channels with other axes")
+        t = math.prod(shape[lay.axis + 1 :])
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        return self.join(node.outputs[0], Layout(1, lay.offset * t, lay.inner * t))
+
+    def target_entry(self, node: ir.Node, pos: int) -> tuple[int, tuple[int, int, int] | None]:
+        """The Reshape target's entry ``pos`` and where that number is stored (node index,
+        input, element) when it is a constant: the target itself, or one constant piece of
+        a Concat that builds it. (-2, None) when it is computed."""
+        target = node.inputs[1] if len(node.inputs) > 1 else None
+        vals = _ints(target)
+        i = self.index.get(id(node))
+        if vals is not None and i is not None:
+            return vals[pos], (i, 1, pos)
+        producer = target.producer() if target is not None else None
+        if producer is None or producer.op_type != "Concat" or producer.domain not in ONNX:
+            return -2, None
+        at = 0
+        for j, piece in enumerate(producer.inputs):
+            shape = self.shape(piece)
+            if shape is None or len(shape) != 1:
+                return -2, None
+            if at <= pos < at + shape[0]:
+                got = _ints(piece)
+                ci = self.index.get(id(producer))
+                if got is None or ci is None:
+                    return -2, None
+                return got[pos - at], (ci, j, pos - at)
+            at += shape[0]
+        return -2, None
+
+    def _fix_entry(self, node: ir.Node, pos: int, per_channel: int) -> bool:
+        """Record that target entry ``pos`` shrinks with the channels (-1 needs nothing);
+        False (with a reason) when that number cannot be found."""
+        entry, where = self.target_entry(node, pos)
+        if entry == -1:
+            return True
+        if entry <= 0 or where is None:
+            self.block(f"Reshape '{_name(node)}' target entry {pos} is not a constant")
+            return False
+        fix = (*where, per_channel)
+        if fix not in self._g.reshapes:
+            self._g.reshapes.append(fix)
+        return True
+
+    def op_Reshape(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        src, dst = self.shape(node.inputs[0]), self.shape(node.outputs[0])
+        if port == "in" and k != 0:
+            return self.block(f"channels are the target shape of Reshape '{_name(node)}'")
+        if src is None or dst is None:
+            return self.block(f"Reshape '{_name(node)}' has unknown shapes")
+        a = lay.axis
+        if port == "out":  # only back through a head split: [.., H*d, ..] -> [.., H, d, ..]
+            split = (
+                len(dst) == len(src) + 1
+                and a < len(src)
+                and tuple(dst[:a]) == tuple(src[:a])
+                and tuple(dst[a + 2 :]) == tuple(src[a + 1 :])
+                and dst[a] * dst[a + 1] == src[a]
+            )
+            if not split or lay.inner != 1 or self._g.kind != "heads":
+                return self.block(f"channels are traced backwards through Reshape '{_name(node)}'")
+            if not self._fix_entry(node, a, 1):
+                return None
+            self._seen.update({(i, "in", 0), (i, "out", 0)})
+            return self.join(node.inputs[0], Layout(a, lay.offset * dst[a + 1], dst[a + 1]))
+        if tuple(dst) == (*tuple(src[:a]), math.prod(src[a:])):  # flatten the tail
+            b, t = a, math.prod(src[a + 1 :])
+        elif tuple(src[a:]) == tuple(dst[len(dst) - (len(src) - a) :]) and math.prod(
+            src[:a]
+        ) == math.prod(dst[: len(dst) - (len(src) - a)]):  # merge / split leading axes
+            b, t = len(dst) - (len(src) - a), 1
+        else:
+            return self.block(
+                f"Reshape '{_name(node)}' {list(src)} -> {list(dst)} splits or "
+                "mixes the channels (attention heads?)"
+            )
+        entry, _ = self.target_entry(node, b)
+        if entry == 0 and not (b == a and t == 1):
+            return self.block(f"Reshape '{_name(node)}' copies a dimension (0) that changes")
+        if entry != 0 and not self._fix_entry(node, b, t):
+            return None
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        return self.join(node.outputs[0], Layout(b, lay.offset * t, lay.inner * t))
+
+    def head_splits(self) -> list[tuple[int, int, int, int]]:
+        """Reshapes that split one axis into (heads, head_dim): (node, axis, H, d)."""
+        found = []
+        for i, node in enumerate(self.nodes):
+            if node.op_type != "Reshape" or node.domain not in ONNX:
+                continue
+            src, dst = self.shape(node.inputs[0]), self.shape(node.outputs[0])
+            if src is None or dst is None or len(dst) != len(src) + 1:
+                continue
+            for a in range(len(src)):
+                if (
+                    tuple(dst[:a]) == tuple(src[:a])
+                    and tuple(dst[a + 2 :]) == tuple(src[a + 1 :])
+                    and dst[a] > 1
+                    and dst[a + 1] > 1
+                    and dst[a] * dst[a + 1] == src[a]
+                ):
+                    found.append((i, a, dst[a], dst[a + 1]))
+                    break
+        return found
+
+    def grow_heads(self, gid: int, split: tuple[int, int, int, int]) -> Group:
+        """A group of attention heads, seeded at a Reshape that splits them out."""
+        i, a, heads, dim = split
+        node = self.nodes[i]
+        g = Group(gid, heads, label=f"heads@{_name(node)}", unit=dim, kind="heads")
+        self._queue, self._seen, self._g = [], set(), g
+        g.nodes.add(i)
+        if self._fix_entry(node, a, 1):
+            self._seen.update({(i, "in", 0), (i, "out", 0)})
+            self.join(node.outputs[0], Layout(a))
+            self.join(node.inputs[0], Layout(a, 0, dim))
+        self._drain()
+        if not g.producers and not g.reasons:
+            self.block("no projection produces these heads")
+        return g
+
+    def op_Slice(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are a parameter of Slice '{_name(node)}'")
+        rank = self.rank(node.inputs[0])
+        starts = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        if rank is None or starts is None:
+            return self.block(f"Slice '{_name(node)}' has non-constant parameters")
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            axes = _ints(node.inputs[3])
+            if axes is None:
+                return self.block(f"Slice '{_name(node)}' has non-constant axes")
+        else:
+            axes = list(range(len(starts)))
+        if lay.axis in [a % rank for a in axes]:
+            return self.block(f"Slice '{_name(node)}' slices the channel axis")
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        self.join(node.inputs[0], lay)
+        self.join(node.outputs[0], lay)
+        return None
+
+    def op_Split(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are a parameter of Split '{_name(node)}'")
+        rank = self.rank(node.inputs[0])
+        if rank is None:
+            return self.block(f"Split '{_name(node)}' input has an unknown shape")
+        if node.attributes.get_int("axis", 0) % rank == lay.axis:
+            return self.block(f"Split '{_name(node)}' splits the channel axis")
+        self.join(node.inputs[0], lay)
+        for out in node.outputs:
+            self.join(out, lay)
+        return None
+
+    def reduce(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        if port == "in" and k > 0:
+            return self.block(f"channels are the axes of {node.op_type} '{_name(node)}'")
+        rank = self.rank(node.inputs[0])
+        if rank is None:
+            return self.block(f"{node.op_type} '{_name(node)}' input has an unknown shape")
+        axes = self._axes(node, rank)
+        if axes is None or not axes:
+            return self.block(f"{node.op_type} '{_name(node)}' reduces over every axis")
+        keep = node.attributes.get_int("keepdims", 1)
+        kept = list(range(rank)) if keep else [a for a in range(rank) if a not in axes]
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        if port == "in":
+            if lay.axis in axes:
+                return self.block(f"{node.op_type} '{_name(node)}' reduces over the channels")
+            return self.join(node.outputs[0], Layout(kept.index(lay.axis), lay.offset, lay.inner))
+        return self.join(node.inputs[0], Layout(kept[lay.axis], lay.offset, lay.inner))
+
+
+def analyze(
+    model: ir.Model, shapes: Mapping[str, tuple[int, ...]], *, heads: bool = True
+) -> list[Group]:
+    """The dependency groups of the model's main graph (prunable or not, with reasons).
+
+    Args:
+        model: the model (nodes are referred to by their index in ``list(model.graph)``).
+        shapes: value name -> observed shape (from one run of the model).
+        heads: also look for attention-head groups (Reshapes that split heads out).
+    """
+    an = _Analyzer(model, shapes)
+    groups: list[Group] = []
+    assigned: set[int] = set()
+    for seed in an.seeds():
+        if seed in assigned:
+            continue
+        g = an.grow(len(groups), seed)
+        assigned.update(g.producers)
+        assigned.add(seed)
+        groups.append(g)
+    if heads:
+        done: set[int] = set()
+        for split in an.head_splits():
+            if split[0] in done:
+                continue
+            g = an.grow_heads(len(groups), split)
+            done.update(g.nodes)
+            groups.append(g)
+    # two prunable groups must never cut the same positions of the same constant
+    owner: dict[tuple[int, int, int], list[tuple[int, int, Group]]] = {}
+    for g in groups:
+        if not g.prunable:
+            continue
+        spans = [
+            (
+                (c.node, c.input, c.axis),
+                c.layout.offset,
+                c.layout.offset + g.channels * c.layout.inner,
+            )
+            for c in g.cuts
+        ]
+        clash = next(
+            (o for key, lo, hi in spans for a, b, o in owner.get(key, ()) if lo < b and a < hi),
+            None,
+        )
+        if clash is not None:
+            g.reasons.append(f"its channels overlap group '{clash.label}'")
+            continue
+        for key, lo, hi in spans:
+            owner.setdefault(key, []).append((lo, hi, g))
+    return groups

@@ -1,0 +1,589 @@
+"""The pruning passes (plugin ``graphopt_plugins.pruning``).
+
+Dependency groups on residual, concat, grouped/depthwise conv, flatten and attention-like
+fixtures (membership and the reasons a group cannot be pruned); pruned models keep
+consistent shapes, pass the checker and run; recovery (least squares + bias) measurably
+reduces the error against no recovery; FFN hidden units of an MLP are pruned; the search
+stays within the budget; Constant-node weights are handled like initializers;
+``prune-magnitude`` reaches its sparsity and reports the compressed size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphopt_plugins.pruning import ALL_PASSES
+from graphopt_plugins.pruning._apply import apply_plan
+from graphopt_plugins.pruning._graph import run_with_values
+from graphopt_plugins.pruning._recover import build_plan, channel_order, collect_stats
+from graphopt_plugins.pruning.channels import PruneChannels
+from graphopt_plugins.pruning.groups import Layout, analyze
+from graphopt_plugins.pruning.magnitude import PruneMagnitude
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt import ir as gir
+from graphopt.context import PassContext
+from graphopt.plugins import load_registry
+from graphopt.testing import run_model, run_pass, to_ir
+from graphopt.validate import compare, parse_budget
+
+F32 = TensorProto.FLOAT
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def vi(name, shape):
+    return helper.make_tensor_value_info(name, F32, shape)
+
+
+def init(name, arr):
+    return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
+
+
+def model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(m)
+    return m
+
+
+def rand(rng, *shape, scale=0.3):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def conv(name, x, y, rng, cout, cin, k=1, group=1, bias=True, **attrs):
+    inits = [init(f"{name}_w", rand(rng, cout, cin // group, k, k, scale=1 / np.sqrt(cin * k)))]
+    inputs = [x, f"{name}_w"]
+    if bias:
+        inits.append(init(f"{name}_b", rand(rng, cout, scale=0.1)))
+        inputs.append(f"{name}_b")
+    pads = [k // 2] * 4
+    node = helper.make_node("Conv", inputs, [y], name=name, group=group, pads=pads, **attrs)
+    return node, inits
+
+
+def feeds_for(m, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for inp in m.graph.input:
+        dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        out.append((inp.name, dims))
+    return [
+        {name: rng.standard_normal(dims).astype(np.float32) for name, dims in out} for _ in range(n)
+    ]
+
+
+def groups_of(m, feed):
+    ir_model = to_ir(m)
+    shapes = {}
+    for outs in run_with_values(ir_model, [feed], None):
+        shapes = {k: tuple(np.shape(v)) for k, v in outs.items()}
+    return ir_model, analyze(ir_model, shapes)
+
+
+def by_label(groups):
+    return {g.label: g for g in groups}
+
+
+def node_names(ir_model, idxs):
+    nodes = list(ir_model.graph)
+    return sorted(nodes[i].name for i in idxs)
+
+
+def prune_fixed(m, feeds, ratio, recovery="lsq", importance="auto"):
+    """Prune every prunable group at ``ratio``; returns (pruned ir model, groups)."""
+    ir_model, groups = groups_of(m, feeds[0])
+    active = [g for g in groups if g.prunable]
+    st = collect_stats(ir_model, active, feeds)
+    removed = {}
+    for g in active:
+        order, _ = channel_order(ir_model, g, st, importance, upto=ratio)
+        removed[g.id] = np.sort(order[: round(g.channels * ratio)])
+    plan, _ = build_plan(ir_model, active, removed, st, recovery)
+    pruned = ir_model.clone()
+    apply_plan(pruned, active, plan)
+    return pruned, active
+
+
+def assert_runs_like(original, pruned, feeds, min_cos=None):
+    proto = gir.to_proto(pruned)
+    onnx.checker.check_model(proto, full_check=True)  # shape inference must agree too
+    ref = run_model(original, feeds)
+    out = run_model(pruned, feeds)
+    metrics = compare(ref, out)
+    for name, m in metrics.items():
+        assert m.mismatch is None, f"{name}: {m.mismatch}"
+        if min_cos is not None:
+            assert m.cosine >= min_cos, f"{name}: cosine {m.cosine}"
+    return metrics
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def residual_model(seed=0):
+    """x -> A(8->16) -> relu r1; r1 -> B(16->16) -> BN -> relu r2; s = r1 + r2;
+    s -> C(16->16) -> relu -> D(16->4) -> y."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    for args in [
+        ("A", "x", "a", 16, 8, 3),
+        ("B", "r1", "b", 16, 16, 3),
+        ("C", "s", "c", 16, 16, 1),
+        ("D", "rc", "y", 4, 16, 1),
+    ]:
+        n, i = conv(*args[:3], rng, args[3], args[4], k=args[5])
+        nodes.append(n)
+        inits += i
+    inits += [
+        init("bn_s", rng.uniform(0.5, 1.5, 16)),
+        init("bn_b", rng.standard_normal(16) * 0.1),
+        init("bn_m", rng.standard_normal(16) * 0.1),
+        init("bn_v", rng.uniform(0.5, 1.5, 16)),
+    ]
+    nodes = [
+        nodes[0],
+        helper.make_node("Relu", ["a"], ["r1"], name="relu1"),
+        nodes[1],
+        helper.make_node(
+            "BatchNormalization", ["b", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"], name="bn"
+        ),
+        helper.make_node("Relu", ["bn"], ["r2"], name="relu2"),
+        helper.make_node("Add", ["r1", "r2"], ["s"], name="residual"),
+        nodes[2],
+        helper.make_node("Relu", ["c"], ["rc"], name="relu3"),
+        nodes[3],
+    ]
+    return model(nodes, [vi("x", [1, 8, 6, 6])], [vi("y", [1, 4, 6, 6])], inits)
+
+
+def concat_model(seed=0):
+    """x -> A(4->6), B(4->10) -> concat(axis 1) -> relu -> C(16->3) -> y."""
+    rng = np.random.default_rng(seed)
+    a, ia = conv("A", "x", "a", rng, 6, 4)
+    b, ib = conv("B", "x", "b", rng, 10, 4, k=3)
+    c, ic = conv("C", "r", "y", rng, 3, 16, k=3)
+    nodes = [
+        a,
+        b,
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+        helper.make_node("Relu", ["cat"], ["r"], name="relu"),
+        c,
+    ]
+    return model(nodes, [vi("x", [1, 4, 5, 5])], [vi("y", [1, 3, 5, 5])], ia + ib + ic)
+
+
+def grouped_model(seed=0):
+    """A(4->16) -> grouped conv G(16->16, group 4) -> B(16->8); A2(4->16) -> depthwise
+    DW(16, group 16) -> hardswish -> B2(16->8); y = B + B2."""
+    rng = np.random.default_rng(seed)
+    parts = [
+        conv("A", "x", "a", rng, 16, 4),
+        conv("G", "a", "g", rng, 16, 16, k=3, group=4),
+        conv("B", "g", "b", rng, 8, 16),
+        conv("A2", "x", "a2", rng, 16, 4),
+        conv("DW", "a2", "dw", rng, 16, 16, k=3, group=16),
+        conv("B2", "hs", "b2", rng, 8, 16),
+    ]
+    nodes = [p[0] for p in parts]
+    inits = [i for p in parts for i in p[1]]
+    nodes.insert(5, helper.make_node("HardSwish", ["dw"], ["hs"], name="hs"))
+    nodes.append(helper.make_node("Add", ["b", "b2"], ["y"], name="sum"))
+    return model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 8, 6, 6])], inits)
+
+
+def mlp_model(d=16, hidden=64, seed=0, rank=None, constants=False):
+    """x[1,T,d] -> MatMul W1 -> Add b1 -> GELU (erf form) -> MatMul W2 -> Add b2 -> y.
+    ``rank``: W1 of that rank, so hidden units are redundant (linearly predictable)."""
+    rng = np.random.default_rng(seed)
+    w1 = rand(rng, d, hidden, scale=1 / np.sqrt(d))
+    if rank is not None:
+        w1 = rand(rng, d, rank, scale=1.0) @ rand(rng, rank, hidden, scale=1 / np.sqrt(d))
+    arrays = {
+        "W1": w1,
+        "b1": rand(rng, hidden, scale=0.1),
+        "W2": rand(rng, hidden, d, scale=1 / np.sqrt(hidden)),
+        "b2": rand(rng, d, scale=0.1),
+        "sqrt2": np.array(np.sqrt(2.0), np.float32),
+        "one": np.array(1.0, np.float32),
+        "half": np.array(0.5, np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Div", ["h1", "sqrt2"], ["g0"], name="gelu_div"),
+        helper.make_node("Erf", ["g0"], ["g1"], name="gelu_erf"),
+        helper.make_node("Add", ["g1", "one"], ["g2"], name="gelu_add"),
+        helper.make_node("Mul", ["h1", "g2"], ["g3"], name="gelu_mul"),
+        helper.make_node("Mul", ["g3", "half"], ["g4"], name="gelu_half"),
+        helper.make_node("MatMul", ["g4", "W2"], ["o0"], name="fc2"),
+        helper.make_node("Add", ["o0", "b2"], ["y"], name="fc2_bias"),
+    ]
+    inits = []
+    if constants:  # Paddle-style: every weight is a Constant node
+        consts = [
+            helper.make_node(
+                "Constant", [], [k], name=f"{k}_const", value=numpy_helper.from_array(v, k)
+            )
+            for k, v in arrays.items()
+        ]
+        nodes = consts + nodes
+    else:
+        inits = [init(k, v) for k, v in arrays.items()]
+    return model(nodes, [vi("x", [1, 12, d])], [vi("y", [1, 12, d])], inits)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_passes_are_registered_in_the_pruning_band():
+    names = {cls.name: cls for cls in ALL_PASSES}
+    assert set(names) == {"prune-channels", "prune-magnitude"}
+    assert names["prune-channels"].level == 3
+    assert names["prune-channels"].requires.calibration
+    assert names["prune-magnitude"].level is None
+    for cls in ALL_PASSES:
+        assert cls.tolerance is graphopt.Tolerance.LOSSY
+        assert all(300 <= p < 400 for p in cls.positions())
+    reg = load_registry()
+    assert {"prune-channels", "prune-magnitude"} <= set(reg.passes)
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def test_residual_add_couples_producers_and_blocks_at_the_graph_output():
+    m = residual_model()
+    ir_model, groups = groups_of(m, feeds_for(m, 1)[0])
+    g = by_label(groups)
+    stream = g["A"]
+    # A writes r1, B (through BN and Relu) writes r2, both summed: one group
+    assert node_names(ir_model, stream.producers) == ["A", "B"]
+    assert node_names(ir_model, [s.node for s in stream.sinks]) == ["B", "C"]
+    assert stream.prunable
+    assert {"r1", "r2", "s", "a", "b", "bn"} <= set(stream.members)
+    bn_cuts = [c for c in stream.cuts if list(ir_model.graph)[c.node].name == "bn"]
+    assert sorted(c.input for c in bn_cuts) == [1, 2, 3, 4]
+    assert "B" not in g  # B joined A's group instead of seeding its own
+    assert g["C"].prunable  # C -> relu -> D
+    assert not g["D"].prunable
+    assert g["D"].reasons == ["channels reach graph output 'y'"]
+
+
+def test_residual_with_graph_input_is_not_prunable():
+    rng = np.random.default_rng(0)
+    a, ia = conv("A", "x", "a", rng, 8, 8)
+    b, ib = conv("B", "s", "y", rng, 4, 8)
+    m = model(
+        [a, helper.make_node("Add", ["x", "a"], ["s"], name="res"), b],
+        [vi("x", [1, 8, 4, 4])],
+        [vi("y", [1, 4, 4, 4])],
+        ia + ib,
+    )
+    _, groups = groups_of(m, feeds_for(m, 1)[0])
+    assert not by_label(groups)["A"].prunable
+    assert "channels reach graph input 'x'" in by_label(groups)["A"].reasons
+
+
+def test_a_value_feeding_two_sinks_gives_both_statistics():
+    rng = np.random.default_rng(0)
+    parts = [
+        conv("A", "x", "a", rng, 16, 4),
+        conv("B", "r", "b", rng, 8, 16),
+        conv("C", "r", "c", rng, 8, 16, k=3),
+    ]
+    nodes = [
+        parts[0][0],
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        parts[1][0],
+        parts[2][0],
+        helper.make_node("Add", ["b", "c"], ["y"], name="sum"),
+    ]
+    inits = [i for p in parts for i in p[1]]
+    m = model(nodes, [vi("x", [1, 4, 5, 5])], [vi("y", [1, 8, 5, 5])], inits)
+    feeds = feeds_for(m, 4)
+    ir_model, groups = groups_of(m, feeds[0])
+    g = by_label(groups)["A"]
+    sinks = [s.node for s in g.sinks]
+    assert node_names(ir_model, sinks) == ["B", "C"]
+    st = collect_stats(ir_model, [g], feeds)
+    assert sorted(st) == sorted(sinks)
+    assert st[sinks[0]].gram is not None and st[sinks[1]].gram is None  # 1x1 vs 3x3
+
+
+def test_concat_offsets():
+    m = concat_model()
+    ir_model, groups = groups_of(m, feeds_for(m, 1)[0])
+    g = by_label(groups)
+    assert g["A"].prunable and g["B"].prunable
+    (sink_a,) = g["A"].sinks
+    (sink_b,) = g["B"].sinks
+    assert node_names(ir_model, [sink_a.node, sink_b.node]) == ["C", "C"]
+    assert sink_a.layout == Layout(1, 0, 1)
+    assert sink_b.layout == Layout(1, 6, 1)  # B's channels follow A's 6 in the Concat
+    assert g["A"].members["cat"] == Layout(1, 0, 1)
+    assert g["B"].members["cat"] == Layout(1, 6, 1)
+
+
+def test_concat_pruned_model_is_consistent():
+    m = concat_model()
+    feeds = feeds_for(m, 8)
+    pruned, active = prune_fixed(m, feeds, 0.5)
+    assert len(active) == 2
+    w = {n.name: n.inputs[1].const_value.numpy() for n in pruned.graph if n.op_type == "Conv"}
+    assert w["A"].shape[0] == 3 and w["B"].shape[0] == 5
+    assert w["C"].shape[1] == 8
+    assert_runs_like(m, pruned, feeds)
+
+
+def test_grouped_conv_blocks_and_depthwise_passes_through():
+    m = grouped_model()
+    ir_model, groups = groups_of(m, feeds_for(m, 1)[0])
+    g = by_label(groups)
+    assert not g["A"].prunable
+    assert g["A"].reasons == ["channels feed grouped Conv 'G' (group=4)"]
+    assert not g["G"].prunable
+    assert "channels come from grouped Conv 'G' (group=4)" in g["G"].reasons
+    dw = g["A2"]
+    assert dw.prunable
+    assert node_names(ir_model, dw.depthwise) == ["DW"]
+    assert node_names(ir_model, [s.node for s in dw.sinks]) == ["B2"]
+    assert "DW" not in g  # a depthwise conv never seeds a group
+    # the outputs of B and B2 are summed into the graph output
+    assert not g["B"].prunable
+    assert node_names(ir_model, g["B"].producers) == ["B", "B2"]
+
+
+def test_depthwise_group_prunes_and_updates_the_group_attribute():
+    m = grouped_model()
+    feeds = feeds_for(m, 8)
+    pruned, active = prune_fixed(m, feeds, 0.25)
+    assert [g.label for g in active] == ["A2"]
+    dw = next(n for n in pruned.graph if n.name == "DW")
+    assert dw.attributes.get_int("group") == 12
+    assert dw.inputs[1].const_value.numpy().shape == (12, 1, 3, 3)
+    assert_runs_like(m, pruned, feeds)
+
+
+def test_fused_conv_residual_z_couples_the_producers():
+    rng = np.random.default_rng(0)
+    a, ia = conv("A", "x", "a", rng, 16, 4)
+    b, ib = conv("B", "a", "b", rng, 16, 16, k=3)
+    c, ic = conv("C", "b", "y", rng, 3, 16)
+    fused = []
+    for n, z, pad in ((a, None, 0), (b, "a", 1)):
+        inputs = list(n.input) + ([z] if z else [])
+        fused.append(
+            helper.make_node(
+                "FusedConv",
+                inputs,
+                list(n.output),
+                name=n.name,
+                domain="com.microsoft",
+                activation="Relu",
+                pads=[pad] * 4,
+            )
+        )
+    graph = helper.make_graph(
+        [*fused, c], "g", [vi("x", [1, 4, 5, 5])], [vi("y", [1, 3, 5, 5])], ia + ib + ic
+    )
+    m = helper.make_model(
+        graph,
+        ir_version=8,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+    ir_model, groups = groups_of(m, feeds_for(m, 1)[0])
+    g = by_label(groups)["A"]
+    assert g.prunable
+    assert node_names(ir_model, g.producers) == ["A", "B"]  # B adds Z = A's output
+    assert node_names(ir_model, [s.node for s in g.sinks]) == ["B", "C"]
+    feeds = feeds_for(m, 8)
+    pruned, _ = prune_fixed(m, feeds, 0.5)
+    w = {n.name: n.inputs[1].const_value.numpy().shape for n in pruned.graph}
+    assert w["A"][0] == 8 and w["B"][:2] == (8, 8) and w["C"][1] == 8
+    out = run_model(pruned, feeds)
+    assert out[0]["y"].shape == (1, 3, 5, 5)
+
+
+def test_flatten_into_gemm_cuts_blocks_of_rows():
+    rng = np.random.default_rng(0)
+    a, ia = conv("A", "x", "a", rng, 6, 3)
+    nodes = [
+        a,
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flat", axis=1),
+        helper.make_node("Gemm", ["f", "W", "c"], ["y"], name="fc", transB=1),
+    ]
+    inits = [*ia, init("W", rand(rng, 5, 6 * 4 * 4, scale=0.1)), init("c", rand(rng, 5))]
+    m = model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 5])], inits)
+    _ir_model, groups = groups_of(m, feeds_for(m, 1)[0])
+    (sink,) = by_label(groups)["A"].sinks
+    assert sink.kind == "gemm" and sink.layout == Layout(1, 0, 16)
+    feeds = feeds_for(m, 8)
+    pruned, _ = prune_fixed(m, feeds, 0.5, importance="output")
+    fc = next(n for n in pruned.graph if n.name == "fc")
+    assert fc.inputs[1].const_value.numpy().shape == (5, 3 * 16)
+    assert_runs_like(m, pruned, feeds)
+
+
+def test_attention_heads_reshape_and_layernorm_block_with_reasons():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "Wq"], ["q"], name="q_proj"),
+        helper.make_node("Reshape", ["q", "heads"], ["qh"], name="split_heads"),
+        helper.make_node("Transpose", ["qh"], ["qt"], name="qt", perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["qt", "kt"], ["s"], name="scores"),
+        helper.make_node("Transpose", ["qh"], ["kt"], name="kt", perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["x", "Wo"], ["o"], name="o_proj"),
+        helper.make_node("LayerNormalization", ["o", "g", "bb"], ["y2"], name="ln", axis=-1),
+    ]
+    nodes = [nodes[0], nodes[1], nodes[2], nodes[4], nodes[3], nodes[5], nodes[6]]
+    inits = [
+        init("Wq", rand(rng, 8, 8)),
+        init("Wo", rand(rng, 8, 8)),
+        numpy_helper.from_array(np.array([1, 5, 2, 4], np.int64), "heads"),
+        init("g", np.ones(8)),
+        init("bb", np.zeros(8)),
+    ]
+    m = model(nodes, [vi("x", [1, 5, 8])], [vi("s", [1, 2, 5, 5]), vi("y2", [1, 5, 8])], inits)
+    _, groups = groups_of(m, feeds_for(m, 1)[0])
+    g = by_label(groups)
+    assert not g["q_proj"].prunable
+    assert "splits or mixes the channels (attention heads?)" in g["q_proj"].reasons[0]
+    assert g["o_proj"].reasons == ["LayerNormalization 'ln' normalizes over the channels"]
+
+
+# --------------------------------------------------------------------------- pruning + recovery
+
+
+def test_ffn_hidden_units_are_pruned():
+    m = mlp_model()
+    feeds = feeds_for(m, 8)
+    ir_model, groups = groups_of(m, feeds[0])
+    (g,) = [g for g in groups if g.prunable]
+    assert g.channels == 64
+    assert node_names(ir_model, g.producers) == ["fc1"]
+    assert node_names(ir_model, [s.node for s in g.sinks]) == ["fc2"]
+    cut_nodes = {list(ir_model.graph)[c.node].name for c in g.cuts}
+    assert cut_nodes == {"fc1", "fc1_bias", "fc2"}
+    pruned, _ = prune_fixed(m, feeds, 0.5)
+    w = {n.name: n.inputs[1].const_value.numpy() for n in pruned.graph if n.op_type == "MatMul"}
+    assert w["fc1"].shape == (16, 32) and w["fc2"].shape == (32, 16)
+    assert_runs_like(m, pruned, feeds)
+
+
+def test_recovery_reduces_the_error():
+    m = mlp_model(hidden=64, rank=12, seed=3)
+    feeds = feeds_for(m, 16, seed=1)
+    held_out = feeds_for(m, 8, seed=2)
+    ref = run_model(m, held_out)
+    errors = {}
+    for recovery in ("none", "bias", "lsq"):
+        pruned, _ = prune_fixed(m, feeds, 0.5, recovery=recovery, importance="output")
+        out = run_model(pruned, held_out)
+        errors[recovery] = float(
+            np.mean(
+                [np.sum((o["y"] - r["y"]) ** 2) / np.sum(r["y"] ** 2) for o, r in zip(out, ref)]
+            )
+        )
+    assert errors["bias"] < errors["none"]
+    assert errors["lsq"] < 0.5 * errors["bias"], errors
+
+
+def test_recovery_gives_a_conv_sink_a_bias():
+    m = residual_model()
+    feeds = feeds_for(m, 8)
+    pruned, _ = prune_fixed(m, feeds, 0.25, recovery="bias")
+    c = next(n for n in pruned.graph if n.name == "C")
+    assert len(c.inputs) == 3
+    assert_runs_like(m, pruned, feeds)
+
+
+def test_constant_node_weights_are_pruned_like_initializers():
+    m = mlp_model(constants=True)
+    feeds = feeds_for(m, 8)
+    pruned, active = prune_fixed(m, feeds, 0.5)
+    assert len(active) == 1
+    names = {v.name for v in pruned.graph.initializers.values()}
+    assert any(n.startswith("W1") for n in names) and any(n.startswith("W2") for n in names)
+    left = {n.outputs[0].name for n in pruned.graph if n.op_type == "Constant"}
+    assert "W1" not in left and "W2" not in left and "b1" not in left
+    assert_runs_like(m, pruned, feeds)
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+def test_prune_channels_pass_with_a_fixed_ratio():
+    m = residual_model()
+    feeds = feeds_for(m, 8)
+    out, result = run_pass(
+        PruneChannels(ratio=0.5, bench_runs=0, min_flops=0.0, align=8),
+        m,
+        PassContext(calibration=feeds, budget=parse_budget("cosine>=0.5")),
+    )
+    assert result.modified
+    st = result.stats
+    assert st["flops_after"] < st["flops_before"]
+    assert st["groups_prunable"] == 2
+    reported = {g["group"]: g for g in st["groups_pruned"]}
+    assert reported["A"]["kept"] == 8 and reported["A"]["channels"] == 16
+    assert reported["A"]["params_after"] < reported["A"]["params_before"]
+    assert all(layer["flops_after"] <= layer["flops_before"] for layer in st["layers"])
+    assert_runs_like(m, out, feeds)
+
+
+def test_prune_channels_search_meets_the_budget_through_optimize():
+    m = mlp_model(d=16, hidden=128, rank=24, seed=5)
+    calib = feeds_for(m, 16, seed=1)
+    evals = feeds_for(m, 8, seed=2)
+    res = graphopt.optimize(
+        m,
+        pipeline="prune-channels{bench_runs=0,align=8}",
+        budget="cosine>=0.995",
+        calibration=calib,
+        inputs=evals,
+    )
+    (rec,) = res.report.passes
+    assert rec.status == "applied", rec.reason
+    st = rec.stats
+    assert st["flops_removed_pct"] > 10
+    assert st["heldout_check"]["cosine"] >= 1 - 0.9 * 0.005  # budget_share 0.9
+    assert st["search"] and any(t["ok"] for t in st["search"])
+    (g,) = st["groups_pruned"]
+    assert g["sensitivity_nsr"] and 0 < g["ratio"] <= 0.9
+    assert res.report.final["status"] == "ok"
+
+
+def test_prune_channels_without_prunable_groups_is_a_noop():
+    rng = np.random.default_rng(0)
+    a, ia = conv("A", "x", "y", rng, 4, 3)
+    m = model([a], [vi("x", [1, 3, 4, 4])], [vi("y", [1, 4, 4, 4])], ia)
+    _, result = run_pass(
+        PruneChannels(bench_runs=0),
+        m,
+        PassContext(calibration=feeds_for(m, 2), budget=parse_budget("cosine>=0.99")),
+    )
+    assert not result.modified
+    assert result.stats["reason"] == "no prunable channel group"
+    assert result.stats["not_prunable"][0]["reason"] == "channels reach graph output 'y'"
+
+
+@pytest.mark.parametrize("scope", ["per-layer", "global"])
+def test_prune_magnitude(scope):
+    m = mlp_model(d=32, hidden=128, constants=(scope == "global"))
+    feeds = feeds_for(m, 4)
+    out, result = run_pass(PruneMagnitude(sparsity=0.5, scope=scope), m, PassContext())
+    assert result.modified
+    st = result.stats
+    assert st["weights"] == 2
+    assert 0.49 <= st["sparsity"] <= 0.51
+    assert st["zlib_bytes_after"] < st["zlib_bytes_before"]
+    assert "do not skip zeros" in st["note"]
+    w = [n.inputs[1].const_value.numpy() for n in out.graph if n.op_type == "MatMul"]
+    if scope == "per-layer":
+        assert all(abs(np.mean(a == 0) - 0.5) < 0.01 for a in w)
+    assert_runs_like(m, out, feeds)
