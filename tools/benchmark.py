@@ -1239,6 +1239,11 @@ def markdown(results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
             f"- Load average (1 min) seen during the runs: {min(loads):.2f}-{max(loads):.2f} "
             "(other work shared the machine; the per-round ratios cancel slow drift)"
         )
+    missing = [m for m in fetch_models.MODELS if m not in {r["model"] for r in results}]
+    if missing:
+        L.append(
+            f"- Corpus models not measured (not selected in any invocation): {', '.join(missing)}"
+        )
     L.append("")
     L.append("## Method")
     L.append("")
