@@ -307,7 +307,8 @@ def mixed_precision(
     Nodes are probed (nodes reading graph inputs first, then by estimated local SQNR, worst
     first) up to ``max_probes``; then the nodes that measured a gain return to float one at
     a time, best first, and the unprobed ones in growing batches, re-scoring after each
-    step, until the budget holds, ``max_float`` nodes are float, or progress stalls.
+    step, until the budget holds or ``max_float`` nodes are float (a bounded number of
+    measurements: at most 8 single steps and a logarithmic number of batches).
     """
     base = scorer.score(cand.model, limit=probe_feeds)
     names = [n for n in op_of if n not in cand.exclude]
@@ -325,13 +326,14 @@ def mixed_precision(
                       "cosine_alone_float": s["cosine"],
                       "local_sqnr_db": _r(local_sqnr.get(n))}  # fmt: skip
     # phase A: the (up to 8) nodes measured to help most, one at a time, best first;
-    # phase B: the other helpful ones, then the nodes not probed (by local estimate), in
-    # growing batches (4, 8, 16, ...): errors spread over many layers need many of them,
-    # and a batch costs one measurement
+    # phase B: the other helpful ones, those measured neutral, then the nodes not probed (by
+    # local estimate), in growing batches (4, 8, 16, ...): errors spread over many layers
+    # need many of them, and a batch costs one measurement. Nodes measured to hurt when
+    # float alone are left out.
     helpful = sorted((n for n in gains if gains[n] > 0), key=lambda n: -gains[n])
-    rest = helpful[8:] + [n for n in names if n not in gains]
+    neutral = sorted((n for n in gains if gains[n] == 0), key=lambda n: local_sqnr.get(n, 0.0))
+    rest = helpful[8:] + neutral + [n for n in names if n not in gains]
     steps: list[list[str]] = [[n] for n in helpful[:8]]
-    singles = len(steps)
     size = 4
     while rest:
         steps.append(rest[:size])
@@ -340,19 +342,15 @@ def mixed_precision(
     order = [n for st in steps for n in st]
     chosen: list[str] = []
     last = scorer.score(cand.model)
-    history = [last["quality"]]
     stalled = ""
-    for i, step in enumerate(steps):
-        if len(chosen) + len(step) > max_float or deadline.passed():
+    for step in steps:
+        room = max_float - len(chosen)
+        if room <= 0 or deadline.passed():
+            stalled = "; time budget spent" if deadline.passed() else f"; max_float={max_float}"
             break
-        chosen += step
+        chosen += step[:room]
         last = scorer.score(probe(cand.exclude | set(chosen)))
-        history.append(last["quality"])
         if last["ok"]:
-            break
-        # two batches in a row that gain < 0.5 dB together: more float will not do it
-        if i >= singles + 1 and history[-1] - history[-3] < 0.5:
-            stalled = f"; stopped: the last 2 batches gained {history[-1] - history[-3]:.2f} dB"
             break
     result: dict[str, Any] = {
         "probed": len(gains),
