@@ -296,7 +296,7 @@ def load_feeds(
         for name, arr in arrays.items():
             spec = by_name[name]
             indexed = spec.shape is not None and arr.ndim == len(spec.shape) + 1
-            sample = _cast(name, arr[i] if indexed else arr[i : i + 1], spec, p)
+            sample = _cast(name, np.asarray(arr[i]) if indexed else arr[i : i + 1], spec, p)
             feed[name] = _check_sample(name, sample, spec, p)
         feeds.append(feed)
     return feeds

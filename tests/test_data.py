@@ -391,3 +391,13 @@ def test_dim_value_minus_one_counts_as_dynamic():
     (spec,) = input_specs(model)
     assert spec.shape == (None, 3, 8, 8)
     assert concrete_shape(spec, {"x": (4, 3, 8, 8)}) == (4, 3, 8, 8)
+
+
+def test_indexed_scalar_sample_is_a_0d_array(tmp_path):
+    # a numpy scalar (what arr[i] of a 1-D array gives) is not accepted by onnxruntime
+    spec = InputSpec("sr", np.dtype(np.int64), ())
+    path = tmp_path / "d.npz"
+    np.savez(path, sr=np.array([16000, 8000], np.int64))
+    feeds = load_feeds(path, [spec])
+    assert [type(f["sr"]) for f in feeds] == [np.ndarray, np.ndarray]
+    assert feeds[1]["sr"].shape == () and int(feeds[1]["sr"]) == 8000
