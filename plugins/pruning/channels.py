@@ -577,6 +577,10 @@ class PruneChannels(graphopt.Pass):
             except Exception as e:  # timing is informative only
                 stats["speedup_error"] = str(e)[:200]
         stats["seconds"] = round(time.perf_counter() - t0, 1)
+        first = ("flops_removed_pct", "speedup_1thread", "channels_removed", "groups_prunable")
+        stats = {k: stats[k] for k in first if k in stats} | {
+            k: v for k, v in stats.items() if k not in first
+        }
         return graphopt.PassResult(True, stats)
 
 

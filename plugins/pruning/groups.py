@@ -1,8 +1,9 @@
 """Channel dependency groups, computed on the ONNX graph.
 
 A *group* is a set of channels that must leave the model together. It is grown from a
-*producer* (a Conv, Gemm or MatMul with constant weights, whose output channels are rows of
-its weight) by following the channel axis through the graph in both directions:
+*producer* (a Conv / com.microsoft FusedConv, Gemm or MatMul with constant weights, whose
+output channels are rows of its weight) by following the channel axis through the graph in
+both directions:
 
 * forward to *sinks*, which consume the channels through a weight (Conv with group=1: input
   axis 1 of W; Gemm / MatMul: the K rows of B), cut along their input axis;
@@ -11,20 +12,31 @@ its weight) by following the channel axis through the graph in both directions:
   (``group`` follows the channel count), element-wise unary and binary ops (Relu, Clip,
   HardSwish, Erf, Mul by a per-channel constant, com.microsoft Gelu / FastGelu / BiasGelu /
   QuickGelu, ...), pooling, Pad / Resize that leave the channel axis alone, Transpose,
-  Squeeze / Unsqueeze, Slice / Split / Reduce* over other axes;
+  Squeeze / Unsqueeze, Slice / Split / Reduce* / Softmax over other axes, a Shape node whose
+  result only feeds Gathers of other dimensions;
 * through *couplings*: a binary op whose other operand is a tensor (a residual Add, the
-  SE-block Mul) joins that tensor -- and, backwards, the producers of its channels -- to the
-  group, so every conv writing into a residual stream is pruned with the same channels;
+  SE-block Mul, FusedConv's residual input Z) joins that tensor -- and, backwards, the
+  producers of its channels -- to the group, so every conv writing into a residual stream is
+  pruned with the same channels;
 * through Concat with an *offset*: the channels of input ``i`` sit at ``offset_i + c`` in
   the output, so sinks after the Concat are cut at those positions (and, backwards, a range
   of a Concat output maps to the input that holds it);
 * through Flatten / a flatten-like Reshape into a Gemm: channel ``c`` becomes the block
-  ``[c * inner, (c + 1) * inner)`` of the Gemm's K axis (a literal target shape is fixed).
+  ``[c * inner, (c + 1) * inner)`` of the Gemm's K axis (a literal target shape is fixed,
+  also when it is one constant piece of a Concat that builds the target).
+
+*Attention heads* form their own groups (``heads=True``), seeded at a Reshape that splits
+``H * d`` into ``(H, d)``: one channel is one head, ``d`` positions wide in the Q / K / V
+projections (weights and biases) and in the output projection's rows; the heads axis is a
+batch axis of the score and context MatMuls, and the ``H`` / ``H * d`` entries of the split
+and merge Reshape targets shrink with it.
 
 A group is *not prunable* when the channels reach something that mixes them or exposes the
 count: a graph output or input, LayerNormalization / Softmax over the channel axis, a Reshape
-that splits the channels (attention heads), a grouped (non-depthwise) Conv, a Shape node, an
-op not listed above. Each such stop is recorded as a reason.
+that splits the channels (outside a heads group), a grouped (non-depthwise) Conv, a Shape
+node whose result is used otherwise, an op not listed above. Each stop is recorded as a
+reason, and a group that would cut the same positions of a weight as another one is
+dropped.
 
 Axes are tracked with the value ranks and dims observed by running the model once on a
 calibration sample (:func:`graphopt_plugins.pruning._graph.run_with_values`), so they are
@@ -36,7 +48,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -128,16 +139,6 @@ class Group:
     @property
     def prunable(self) -> bool:
         return not self.reasons and bool(self.producers) and self.channels > 1
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "group": self.label,
-            "channels": self.channels,
-            "producers": len(self.producers),
-            "sinks": len(self.sinks),
-            "prunable": self.prunable,
-            **({"reason": self.reasons[0]} if self.reasons else {}),
-        }
 
 
 def _name(node: ir.Node) -> str:

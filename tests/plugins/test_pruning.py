@@ -456,6 +456,62 @@ def test_attention_heads_reshape_and_layernorm_block_with_reasons():
     assert g["o_proj"].reasons == ["LayerNormalization 'ln' normalizes over the channels"]
 
 
+def attention_model(seed=0, heads=4, dim=4, seq=6):
+    """Unfused multi-head self-attention: Q/K/V projections (with biases), split heads by
+    Reshape + Transpose, softmax(q k^T / sqrt(d)) v, merge heads, output projection."""
+    rng = np.random.default_rng(seed)
+    hid = heads * dim
+    inits = [init(f"W{n}", rand(rng, hid, hid, scale=1 / np.sqrt(hid))) for n in "qkvo"]
+    inits += [init(f"b{n}", rand(rng, hid, scale=0.1)) for n in "qkv"]
+    inits += [
+        numpy_helper.from_array(np.array([1, seq, heads, dim], np.int64), "split"),
+        numpy_helper.from_array(np.array([1, seq, hid], np.int64), "merge"),
+        init("scale", np.array(1 / np.sqrt(dim))),
+    ]
+    nodes = []
+    for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [
+            helper.make_node("MatMul", ["x", f"W{n}"], [f"{n}0"], name=f"{n}_proj"),
+            helper.make_node("Add", [f"{n}0", f"b{n}"], [f"{n}1"], name=f"{n}_bias"),
+            helper.make_node("Reshape", [f"{n}1", "split"], [f"{n}2"], name=f"{n}_split"),
+            helper.make_node("Transpose", [f"{n}2"], [f"{n}3"], name=f"{n}_t", perm=perm),
+        ]
+    nodes += [
+        helper.make_node("MatMul", ["q3", "k3"], ["s0"], name="scores"),
+        helper.make_node("Mul", ["s0", "scale"], ["s1"], name="scaled"),
+        helper.make_node("Softmax", ["s1"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v3"], ["c0"], name="context"),
+        helper.make_node("Transpose", ["c0"], ["c1"], name="c_t", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["c1", "merge"], ["c2"], name="merge_heads"),
+        helper.make_node("MatMul", ["c2", "Wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["o", "x"], ["y"], name="residual"),
+    ]
+    return model(nodes, [vi("x", [1, seq, hid])], [vi("y", [1, seq, hid])], inits)
+
+
+def test_attention_heads_form_one_group_with_q_k_v_and_o():
+    m = attention_model()
+    feeds = feeds_for(m, 8)
+    ir_model, groups = groups_of(m, feeds[0])
+    (g,) = [g for g in groups if g.kind == "heads"]
+    assert g.prunable, g.reasons
+    assert (g.channels, g.unit) == (4, 4)
+    assert node_names(ir_model, g.producers) == ["k_proj", "q_proj", "v_proj"]
+    assert node_names(ir_model, [s.node for s in g.sinks]) == ["o_proj"]
+    assert g.sinks[0].layout == Layout(2, 0, 4)
+    assert node_names(ir_model, g.scaled) == ["context", "scores"]
+    assert len(g.reshapes) == 4  # three head splits and the merge
+    pruned, _ = prune_fixed(m, feeds, 0.25)
+    w = {
+        n.name: n.inputs[1].const_value.numpy()
+        for n in pruned.graph
+        if len(n.inputs) > 1 and n.inputs[1].const_value is not None
+    }
+    assert w["q_proj"].shape == (16, 12) and w["o_proj"].shape == (12, 16)
+    assert list(w["q_split"]) == [1, 6, 3, 4] and list(w["merge_heads"]) == [1, 6, 12]
+    assert_runs_like(m, pruned, feeds)
+
+
 # --------------------------------------------------------------------------- pruning + recovery
 
 
