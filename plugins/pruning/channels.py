@@ -196,8 +196,8 @@ def _label(node: ir.Node) -> str:
 class PruneChannels(graphopt.Pass):
     name = "prune-channels"
     summary = (
-        "Structured channel pruning (Conv chains, residual/concat-coupled groups, FFN hidden "
-        "units) with least-squares recovery; ratios searched to fit the --budget"
+        "Structured pruning (conv channels with residual/concat coupling, FFN hidden units, "
+        "attention heads) with least-squares recovery; ratios searched to fit the --budget"
     )
     tolerance = graphopt.Tolerance.LOSSY
     requires = graphopt.Requirements(calibration=True)
