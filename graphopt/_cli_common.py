@@ -71,7 +71,8 @@ target_option = click.option(
     type=click.Choice(["cpu", "cuda", "tensorrt", "openvino", "generic"]),
     default="cpu",
     show_default=True,
-    help="Execution provider for validation; 'generic' = standard ONNX only, no contrib ops.",
+    help="onnxruntime execution provider to run on; for run, also what passes may emit "
+    "('generic' = standard ONNX only, no contrib ops).",
 )
 shape_option = click.option(
     "--shape",
