@@ -88,3 +88,11 @@ disable_option = click.option(
     metavar="NAME",
     help="Skip an entry-point plugin by name. Repeatable.",
 )
+cache_dir_option = click.option(
+    "--cache-dir",
+    metavar="DIR",
+    help="Where passes keep caches across runs (int8 calibration statistics, keyed by "
+    "model and data fingerprints) [default: $GRAPHOPT_CACHE_DIR, else "
+    "$XDG_CACHE_HOME/graphopt, else ~/.cache/graphopt]; '' turns caching off; an "
+    "unwritable folder turns it off with a warning.",
+)

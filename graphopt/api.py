@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -138,6 +140,7 @@ def optimize(
     disable_plugins: Iterable[str] = (),
     registry: Registry | None = None,
     progress: Callable[[int, int, PassRecord], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> OptimizeResult:
     """Optimize a model through validated passes.
 
@@ -168,6 +171,11 @@ def optimize(
         disable_plugins: entry-point names to skip.
         registry: a preloaded registry (overrides plugins / disable_plugins).
         progress: ``callback(index, total, record)`` after each pass.
+        cache_dir: where passes keep caches shared across runs (int8 calibration
+            statistics, keyed by model and data fingerprints). None: the default,
+            ``$GRAPHOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphopt``, else
+            ``~/.cache/graphopt``; ``""``: no cache. A folder that cannot be written
+            disables the cache with a warning in the report (the run goes on).
 
     Returns:
         An :class:`OptimizeResult`; ``result.report.exit_code`` says whether everything held.
@@ -249,8 +257,16 @@ def optimize(
             hint=f"check the opset and ops are supported by onnxruntime {_ort_version()}",
         ) from e
 
+    cache, why = usable_cache_dir(cache_dir)
+    if why:
+        warnings.append(why)
     ctx = PassContext(
-        target=target, seed=seed, budget=budget, validator=validator, calibration=calib
+        target=target,
+        seed=seed,
+        budget=budget,
+        validator=validator,
+        calibration=calib,
+        cache_dir=cache,
     )
     manager = PassManager(
         reg,
@@ -341,6 +357,33 @@ def optimize(
     report.exit_code = int(_exit_code(report.passes, final_ok, strict, on_fail))
     report.seconds = round(time.perf_counter() - started, 3)
     return OptimizeResult(result_model, report)
+
+
+def default_cache_dir() -> Path:
+    """``$GRAPHOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphopt``, else ``~/.cache/graphopt``."""
+    env = os.environ.get("GRAPHOPT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "graphopt"
+
+
+def usable_cache_dir(cache_dir: str | Path | None) -> tuple[str | None, str]:
+    """The cache folder passes get (None: no cache) and, when it had to be disabled, why.
+
+    The folder is created if needed and must take a file: a read-only or unusable
+    location turns the cache off instead of failing the run."""
+    if cache_dir is not None and str(cache_dir) == "":
+        return None, ""
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return None, f"cache folder {path} is not writable ({e.strerror or e}); caching disabled"
+    return str(path), ""
 
 
 def _loosest(passes: Sequence[Any], applied: Sequence[PassRecord]) -> Tolerance | None:

@@ -20,6 +20,7 @@ import click
 from graphopt._cli_common import (
     _fail,
     _setup_logging,
+    cache_dir_option,
     disable_option,
     handle_errors,
     json_option,
@@ -200,6 +201,7 @@ def main() -> None:
     help="Also time original vs optimized (A/B alternated, RUNS pairs, --threads "
     "threads, onnxruntime full optimization) and add it to the report.",
 )
+@cache_dir_option
 @disable_option
 @verbose_option
 @quiet_option
@@ -231,6 +233,7 @@ def run(
     pass_timeout: float | None,
     in_place: bool,
     bench_runs: int,
+    cache_dir: str | None,
     disable_plugins: tuple[str, ...],
     verbose: int,
     quiet: bool,
@@ -283,6 +286,7 @@ def run(
         pass_timeout=pass_timeout,
         disable_plugins=disable_plugins,
         progress=progress,
+        cache_dir=cache_dir,
     )
     written = result.save(output)
     report = result.report

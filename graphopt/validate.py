@@ -18,6 +18,7 @@ comparison measures graphopt's rewrites, not onnxruntime's, and is deterministic
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 import tempfile
 from collections.abc import Sequence
@@ -457,6 +458,18 @@ def structural(
     return None, proto
 
 
+def feeds_fingerprint(feeds: Sequence[Feed]) -> str:
+    """A digest of feeds' content: input names, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(str(len(feeds)).encode())
+    for feed in feeds:
+        for name in sorted(feed):
+            a = np.ascontiguousarray(feed[name])
+            h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+            h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
+    return h.hexdigest()
+
+
 class Validator:
     """Checks candidate models against the original (see the module doc)."""
 
@@ -483,6 +496,8 @@ class Validator:
         self.budget = budget
         self.original = original
         self.reference = runner.run(original, self.feeds)
+        # references of the original for other feeds (measure(feeds=...)), by fingerprint
+        self._references: dict[str, list[Feed]] = {}
 
     # numeric ----------------------------------------------------------------
     def measure(
@@ -503,12 +518,27 @@ class Validator:
         runner = self.deployed if deployed else self.runner
         reference = self.reference
         if feeds is not None:
-            reference = self.runner.run(self.original, list(feeds))
+            reference = self.reference_for(feeds)
         try:
             outs = runner.run(model, list(feeds) if feeds is not None else self.feeds)
         except RuntimeError as e:
             return Check(False, f"onnxruntime cannot run it: {e}")
         return Check(True, metrics=compare(reference, outs), outputs=outs)
+
+    _MAX_REFERENCES = 8
+
+    def reference_for(self, feeds: Sequence[Feed]) -> list[Feed]:
+        """The original model's outputs for ``feeds``, computed once per distinct content
+        (keyed by a fingerprint of names, dtypes, shapes and bytes, so a pass that measures
+        many candidates on the same calibration feeds runs the original once)."""
+        key = feeds_fingerprint(feeds)
+        ref = self._references.get(key)
+        if ref is None:
+            ref = self.runner.run(self.original, list(feeds))
+            if len(self._references) >= self._MAX_REFERENCES:
+                self._references.pop(next(iter(self._references)))
+            self._references[key] = ref
+        return ref
 
     def check(
         self,

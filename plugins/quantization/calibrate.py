@@ -335,12 +335,13 @@ def data_fingerprint(feeds: Iterable[Mapping[str, np.ndarray]]) -> str:
     return h.hexdigest()
 
 
-def default_cache_dir(ctx_dir: str | None) -> Path:
-    if ctx_dir:
-        return Path(ctx_dir) / "int8-calibration"
-    env = os.environ.get("GRAPHOPT_CACHE_DIR")
-    base = Path(env) if env else Path.home() / ".cache" / "graphopt"
-    return base / "int8-calibration"
+def default_cache_dir(ctx_dir: str | None) -> Path | None:
+    """The calibration cache folder under the run's cache folder (``PassContext.cache_dir``,
+    which ``graphopt.optimize`` sets: ``--cache-dir``, else ``$XDG_CACHE_HOME/graphopt`` or
+    ``~/.cache/graphopt``); None when the run has no cache (then nothing is written)."""
+    if not ctx_dir:
+        return None
+    return Path(ctx_dir) / "int8-calibration"
 
 
 def calibrate(
