@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup_vs_first": round(statistics.median(ratios), 4),
                 **{f"speedup_{k}": v for k, v in percentiles(ratios, (10, 90)).items()},
                 "session_ms": round(statistics.median(created[i]), 1),
+                **{
+                    f"session_{k}": round(v, 1)
+                    for k, v in percentiles(created[i], (10, 90)).items()
+                },
             }
         )
     result = {
