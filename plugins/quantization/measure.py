@@ -176,9 +176,18 @@ def _brief(stats: dict[str, Any]) -> dict[str, Any]:
     if "float_nodes" in stats:
         out["float_nodes"] = len(stats["float_nodes"])
     for kind, mp in (stats.get("mixed_precision") or {}).items():
+        if mp.get("strategy") == "cost-aware":  # graphopt's cost-aware split was kept
+            out[f"kept_float_{kind}"] = {
+                k: mp.get(k) for k in ("int8_work_share", "float_nodes", "kept_float")
+            }
+            continue
         out[f"kept_float_{kind}"] = [
             (k.get("node"), k.get("sqnr_gain_db")) for k in mp.get("kept_float", [])
         ] or mp.get("failed")
+        if "cost_aware" in mp:
+            out[f"cost_aware_{kind}"] = {
+                k: v for k, v in mp["cost_aware"].items() if k != "isolated_noise"
+            }
     return out
 
 

@@ -12,7 +12,9 @@ our ranges through its calibration cache);      entropy on our histograms (onnxr
 friends, also inside If/Loop bodies);           picked by timing them here; Q/DQ placement
 the entropy threshold search                    checked against what onnxruntime fuses; Sum ->
                                                 Add; attention-mask-like ranges kept float;
-                                                sensitivity-driven mixed precision; bias
+                                                sensitivity-driven mixed precision, and a
+                                                cost-aware split (isolated error per node
+                                                vs its work) when errors are spread; bias
                                                 correction; already-quantized detection; the
                                                 speed gate (never slower than float)
 =============================================== ===============================================
@@ -31,7 +33,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,6 +385,139 @@ def mixed_precision(
     return result
 
 
+def attached_nodes(
+    fmodel: onnx.ModelProto, op_of: Mapping[str, str], macs: Mapping[str, int]
+) -> dict[str, set[str]]:
+    """For each compute node, the quantized non-compute nodes (``op_of`` without work) it
+    feeds with no other compute node in between: they are int8 when it is (graphopt's)."""
+    prod = {o: n for n in fmodel.graph.node for o in n.output}
+    owners: dict[str, set[str]] = {}
+
+    def upstream(node: onnx.NodeProto) -> set[str]:
+        found: set[str] = set()
+        seen: set[str] = set()
+        stack = [i for i in node.input if i]
+        while stack:
+            t = stack.pop()
+            p = prod.get(t)
+            if p is None or p.name in seen:
+                continue
+            seen.add(p.name)
+            if macs.get(p.name, 0) > 0:
+                found.add(p.name)
+            else:
+                stack.extend(i for i in p.input if i)
+        return found
+
+    out: dict[str, set[str]] = {}
+    for node in fmodel.graph.node:
+        if node.name in op_of and macs.get(node.name, 0) <= 0:
+            owners[node.name] = upstream(node)
+            for c in owners[node.name]:
+                out.setdefault(c, set()).add(node.name)
+    return out
+
+
+def cost_aware_precision(
+    cand: Candidate,
+    *,
+    probe: Callable[[set[str]], onnx.ModelProto],
+    rebuild: Callable[[set[str]], onnx.ModelProto],
+    scorer: Scorer,
+    op_of: dict[str, str],
+    macs: dict[str, int],
+    islands: Callable[[onnx.ModelProto, set[str]], list[str]],
+    deadline: Deadline,
+    attached: Mapping[str, set[str]] | None = None,
+    probe_feeds: int = 4,
+) -> dict[str, Any]:
+    """graphopt's own: which compute nodes to keep int8 when errors are spread over the whole
+    network (no small set of sensitive layers to return to float), weighing each node's
+    error against the work it saves.
+
+    1. Isolated error of each quantized compute node: only that node quantized (with the
+       non-compute nodes ``attached`` to it: the Add/Mul/pooling nodes it feeds without
+       another compute node in between), everything else float, relative output noise
+       power ``10**(-SQNR/10)`` on ``probe_feeds`` check feeds (one probe per node).
+    2. Nodes ordered by noise per multiply-accumulate, cheapest first (a greedy knapsack:
+       the most work made int8 for the least error).
+    3. Binary search of the longest prefix of that order whose model (the rest float, and
+       the non-compute nodes that onnxruntime would then leave as float islands between
+       Q/DQ) meets the budget on all check feeds; then the real model is rebuilt with that
+       split and checked again (stepping back when the rebuilt model misses).
+
+    Mutates ``cand`` when a split meets the budget; returns figures for the report (the
+    isolated errors, the share of the work left int8).
+    """
+    compute = [n for n in op_of if n not in cand.exclude and macs.get(n, 0) > 0]
+    total = sum(macs[n] for n in compute) or 1
+    result: dict[str, Any] = {"strategy": "cost-aware", "compute_nodes": len(compute)}
+    everything = {n for n in op_of if n not in cand.exclude}
+    attached = attached or {}
+
+    def float_set(int8: Iterable[str]) -> set[str]:
+        keep = set(int8)
+        for n in list(keep):
+            keep |= attached.get(n, set())
+        return cand.exclude | (everything - keep)
+
+    noise: dict[str, float] = {}
+    for n in compute:
+        if deadline.passed():
+            result["failed"] = f"time budget spent after {len(noise)} isolated probes"
+            return result
+        s = scorer.score(probe(float_set([n])), limit=probe_feeds)
+        q = s.get("quality", float("-inf"))
+        noise[n] = 10.0 ** (-q / 10.0) if np.isfinite(q) else (0.0 if q > 0 else float("inf"))
+    order = sorted(compute, key=lambda n: noise[n] / macs[n])
+
+    def split(k: int) -> tuple[set[str], onnx.ModelProto]:
+        floats = float_set(order[:k])
+        m = probe(floats)
+        for _ in range(2):  # leaving one node float can expose another island
+            extra = [n for n in islands(m, floats) if n not in floats]
+            if not extra:
+                break
+            floats |= set(extra)
+            m = probe(floats)
+        return floats, m
+
+    lo, hi = 0, len(order)  # prefix lo is known to hold (nothing int8 trivially does)
+    best: tuple[int, set[str], dict[str, Any]] | None = None
+    while lo < hi and not deadline.passed():
+        mid = (lo + hi + 1) // 2
+        floats, m = split(mid)
+        s = scorer.score(m)
+        if s["ok"]:
+            lo, best = mid, (mid, floats, s)
+        else:
+            hi = mid - 1
+    result["isolated_noise"] = [
+        {"node": n, "op": op_of[n], "noise": float(f"{noise[n]:.3g}"),
+         "work_share": round(macs[n] / total, 4)}
+        for n in sorted(noise, key=lambda n: -noise[n])[:10]
+    ]  # fmt: skip
+    if best is None:
+        result["failed"] = "no int8 prefix of the cost-aware order meets the budget"
+        return result
+    k = best[0]
+    for _ in range(4):  # the rebuilt model (real rounding, bias correction) must hold too
+        floats, _m = split(k)
+        final = rebuild(floats)
+        s = scorer.score(final)
+        if s["ok"]:
+            cand.model, cand.score, cand.exclude = final, s, floats
+            result["int8_work_share"] = round(sum(macs[n] for n in order[:k]) / total, 3)
+            result["kept_float"] = sorted(set(order[k:]))
+            result["float_nodes"] = len(floats)
+            return result
+        k = int(k * 0.9)
+        if k <= 0 or deadline.passed():
+            break
+    result["failed"] = "rebuilt model misses the budget: " + ", ".join(s.get("violations") or [])
+    return result
+
+
 # ---------------------------------------------------------------------------- the pass
 
 
@@ -415,6 +550,9 @@ class Int8(graphopt.Pass):
         "max_float": graphopt.Option(float, 0.3, "at most this share of quantized nodes may "
                                      "return to float"),
         "max_probes": graphopt.Option(int, 32, "nodes whose sensitivity is measured"),
+        "cost_aware": graphopt.Option(bool, True, "when returning the most sensitive nodes "
+                                      "to float does not meet the budget, weigh each node's "
+                                      "isolated error against its work (one probe per node)"),
         "min_speedup": graphopt.Option(float, 1.05, "keep int8 only if at least this much "
                                        "faster than float"),
         "outlier_range": graphopt.Option(float, 1e4, "activations reaching this magnitude "
@@ -495,6 +633,7 @@ class Int8(graphopt.Pass):
              "method": cfg["calibrate"], "seconds": round(time.monotonic() - t0, 1)})  # fmt: skip
         shapes = {n: s.shape for n, s in calib.stats.items() if s.shape}
         prof = qg.compute_profile(fmodel, shapes)
+        self._profile = prof
         stats["profile"] = {
             "gmacs": round(prof["macs"] / 1e9, 3),
             "by_op": {k: round(v / 1e9, 3) for k, v in prof["by_op"].items()},
@@ -852,9 +991,23 @@ class Int8(graphopt.Pass):
         max_float = max(1, round(cfg["max_float"] * max(len(op_of), 1)))
         inputs = {i.name for i in fmodel.graph.input}
         first = frozenset(n for n in op_of if inputs & set(node_inputs.get(n, ())))
-        return mixed_precision(c, probe=probe, rebuild=rebuild, scorer=scorer, local_sqnr=local,
-                               op_of=op_of, max_float=max_float, max_probes=cfg["max_probes"],
-                               deadline=deadline, first=first)  # fmt: skip
+        mp = mixed_precision(c, probe=probe, rebuild=rebuild, scorer=scorer, local_sqnr=local,
+                             op_of=op_of, max_float=max_float, max_probes=cfg["max_probes"],
+                             deadline=deadline, first=first)  # fmt: skip
+        if "failed" not in mp or c.kind == "dynamic" or not cfg["cost_aware"]:
+            return mp
+        # no small set of sensitive nodes: the error is spread over the network; weigh each
+        # node's isolated error against its work instead
+        macs = self._profile["per_node"]
+        names = [n.name for n in fmodel.graph.node]
+
+        def islands(m: onnx.ModelProto, floats: set[str]) -> list[str]:
+            return qg.float_islands(m, names)
+
+        ca = cost_aware_precision(c, probe=probe, rebuild=rebuild, scorer=scorer, op_of=op_of,
+                                  macs=macs, islands=islands, deadline=deadline,
+                                  attached=attached_nodes(fmodel, op_of, macs))  # fmt: skip
+        return {**mp, "cost_aware": ca} if "failed" in ca else {"first_try": mp, **ca}
 
 
 class Int8Dynamic(Int8):
