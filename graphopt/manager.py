@@ -3,7 +3,9 @@
 Each pass runs on ``model.clone()``, a structural copy whose tensors are shared with the
 committed model (onnx_ir clones nodes and values, never weight buffers). Committing makes
 the clone the current model; rolling back drops it. Either way no weight bytes are
-copied, and a pass that crashes half-way cannot leave a torn model behind.
+copied, and a pass that crashes half-way cannot leave a torn model behind. A clone costs
+~20 µs a node, so the copy a ``faithful_noop`` pass left unchanged (it said no-op) is
+handed to the next pass instead of cloning again.
 
 A pass whose result fails validation, raises, returns something that is not a
 :class:`PassResult`, or runs past ``pass_timeout`` is recorded with its figures and
@@ -155,6 +157,7 @@ class PassManager:
         if self.validator is not None:
             previous = self.validator.reference
         records: list[PassRecord] = []
+        spare: tuple[ir.Model, set[ir.Node]] | None = None
         stopped_by: str | None = None
         after_lossy = False  # once a LOSSY pass is in, checks run as deployed
         nodes = gir.count_nodes(current)
@@ -180,8 +183,13 @@ class PassManager:
                 rec.status, rec.reason = "skipped", gap
                 self._report(index, len(passes), rec)
                 continue
-            candidate = current.clone()
-            before_nodes = _nodes(candidate)
+            # a working copy left unchanged by a faithful no-op pass serves the next pass
+            if spare is not None:
+                candidate, before_nodes = spare
+            else:
+                candidate = current.clone()
+                before_nodes = _nodes(candidate)
+            spare = None
             start = time.perf_counter()
             try:
                 result = _call_with_timeout(
@@ -209,6 +217,8 @@ class PassManager:
                 continue
             rec.stats = dict(result.stats)
             if not result.modified:
+                if p.faithful_noop:
+                    spare = candidate, before_nodes
                 rec.status = "no-op"
                 self._report(index, len(passes), rec)
                 continue

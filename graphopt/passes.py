@@ -144,6 +144,10 @@ class Pass:
             at several positions (cleanup passes run before and after the rewrites).
             Bands: 0-99 cleanup, 100-199 fusion, 200-299 substitution, 300-399 pruning,
             400-499 quantization, 900+ final cleanup.
+        faithful_noop: the pass promises that when it returns ``modified=False`` the model
+            is unchanged but for annotations (inferred shapes, cached constant values).
+            The manager then reuses that working copy for the next pass instead of cloning
+            the model again (a clone costs ~20 µs per node). Leave False unless tested.
     """
 
     name: ClassVar[str] = ""
@@ -153,6 +157,7 @@ class Pass:
     requires: ClassVar[Requirements] = Requirements()
     level: ClassVar[int | None] = None
     order: ClassVar[int | tuple[int, ...]] = 500
+    faithful_noop: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))

@@ -93,13 +93,17 @@ def test_chain_time_grows_linearly(chain_timings):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="-O1 runs at ~10 ms/node (100k nodes: ~1,000 s, not 10 s): the fusion passes' "
-    "onnxscript pattern matching (every rule variant tried on every node, each pass re-running "
-    "shape inference) and the manager's model.clone() per pass; see docs/reliability.md",
+    reason="-O1 still runs at ~0.3-0.7 ms/node on these 2-core machines (100k nodes: ~70 s "
+    "with the manager's clones, not 10 s): onnxscript's constant folder, onnx shape inference "
+    "round trips through protobuf, and one model.clone() per applied pass; "
+    "see docs/reliability.md",
 )
-def test_chain_meets_the_100k_in_10s_rate(chain_timings):
-    # the issue's bar is 100k nodes in 10 s: 0.1 ms/node; 1,200 nodes get 0.5 s (4x slack)
-    assert chain_timings[1200]["passes"] < 0.5, chain_timings[1200]["per_pass"]
+def test_chain_meets_the_100k_in_10s_rate():
+    # the issue's bar is 100k nodes in 10 s: 0.1 ms/node; 6,000 nodes get 0.6 s. A size
+    # where the per-node cost dominates the fixed cost of building the rules.
+    started = time.perf_counter()
+    graphopt.optimize(mb.chain(6000), level=1, validate="none", registry=REGISTRY)
+    assert time.perf_counter() - started < 0.6
 
 
 def test_validation_costs_at_most_two_inferences_per_pass(monkeypatch):
@@ -130,7 +134,7 @@ def test_validation_costs_at_most_two_inferences_per_pass(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="-O1 on the 100k-node chain takes ~20 min (10 ms/node), not < 10 s: "
+    reason="-O1 on the 100k-node chain takes ~70 s here (passes ~28 s), not < 10 s: "
     "see docs/reliability.md for the profile",
 )
 def test_chain_100k_under_10s(tmp_path: Path):

@@ -75,6 +75,7 @@ def _identity_count(model: ir.Model) -> int:
 
 class CommonSubexpressionElimination(graphopt.Pass):
     name = "cse"
+    faithful_noop = True
     summary = "Merge repeated computations (same op, inputs and attributes), subgraphs included"
     tolerance = graphopt.Tolerance.EXACT
     level = 1

@@ -25,6 +25,7 @@ __all__ = ["DeadCodeElimination"]
 
 class DeadCodeElimination(graphopt.Pass):
     name = "dce"
+    faithful_noop = True
     summary = "Remove nodes whose results nobody uses (subgraphs and functions included)"
     tolerance = graphopt.Tolerance.EXACT
     level = 1

@@ -65,6 +65,7 @@ class _GuardedIdentityElimination(IdentityEliminationPass):
 
 class EliminateIdentity(graphopt.Pass):
     name = "eliminate-identity"
+    faithful_noop = True
     summary = "Remove Identity nodes (subgraphs included), keeping graph outputs intact"
     tolerance = graphopt.Tolerance.EXACT
     level = 1

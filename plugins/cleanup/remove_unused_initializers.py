@@ -51,6 +51,7 @@ def _function_domains(model: ir.Model) -> set[str]:
 
 class RemoveUnusedInitializers(graphopt.Pass):
     name = "remove-unused-initializers"
+    faithful_noop = True
     summary = ("Drop unused initializers (subgraphs included), unused opset imports and "
                "unused functions; graph inputs are left alone")
     tolerance = graphopt.Tolerance.EXACT

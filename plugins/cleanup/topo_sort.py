@@ -29,6 +29,7 @@ def _orders(model: ir.Model) -> dict[int, list[int]]:
 
 class TopologicalSort(graphopt.Pass):
     name = "topo-sort"
+    faithful_noop = True
     summary = "Sort nodes topologically (stable), subgraphs and functions included"
     tolerance = graphopt.Tolerance.EXACT
     level = 1
