@@ -170,6 +170,50 @@ def test_lying_no_op_is_discarded():
     assert r.report.final["metrics"]["logits"]["max_abs"] == 0.0
 
 
+def test_faithful_no_op_hands_its_copy_to_the_next_pass(monkeypatch):
+    clones = {"n": 0}
+    real_clone = ir.Model.clone
+
+    def counting_clone(self):
+        clones["n"] += 1
+        return real_clone(self)
+
+    monkeypatch.setattr(ir.Model, "clone", counting_clone)
+    seen = []
+
+    def look(self, model, ctx):
+        seen.append(id(model))
+        return graphopt.PassResult(False)
+
+    faithful = [make_pass(f"t.f{i}", body=look, faithful_noop=True) for i in range(3)]
+    opt("t.f0,t.f1,t.f2", *faithful, validate="none")
+    # one clone of the input, one working copy shared by the three no-op passes
+    assert len(set(seen)) == 1
+    assert clones["n"] == 2
+
+    seen.clear()
+    plain = [make_pass(f"t.p{i}", body=look) for i in range(3)]
+    opt("t.p0,t.p1,t.p2", *plain, validate="none")
+    assert len(set(seen)) == 3  # an undeclared pass always gets a fresh copy
+
+
+def test_a_lie_after_a_faithful_no_op_is_still_discarded():
+    def lie(self, model, ctx):
+        _scale_weights(model, 3.0)
+        return graphopt.PassResult(False)
+
+    def nothing(self, model, ctx):
+        return graphopt.PassResult(False)
+
+    r = opt(
+        "t.quiet,t.lie",
+        make_pass("t.quiet", body=nothing, faithful_noop=True),
+        make_pass("t.lie", body=lie),
+    )
+    assert statuses(r) == [("t.quiet", "no-op"), ("t.lie", "no-op")]
+    assert r.report.final["metrics"]["logits"]["max_abs"] == 0.0
+
+
 def test_timeout_is_recorded_as_failed():
     def slow(self, model, ctx):
         time.sleep(5)
