@@ -248,6 +248,8 @@ class OrtOffline(graphopt.Pass):
             "nodes": [sum(before.values()), sum(after.values())],
             "convs": convs_before,
             "fused_conv": after.get(("com.microsoft", "FusedConv"), 0),
+            "bn_folded": before.get(("", "BatchNormalization"), 0)
+            - after.get(("", "BatchNormalization"), 0),
             "nchwc_ops": nchwc,
             "convs_left_nchw": sum(n for k, n in after.items() if k in _CONVS),
             "nchwc_block": nchwc_block_size() if level == "all" else None,
@@ -264,46 +266,70 @@ class OrtOffline(graphopt.Pass):
     # ------------------------------------------------------------------ explain
 
     def explain(self, model: ir.Model, ctx: PassContext) -> list[dict[str, Any]]:
-        """What onnxruntime would do: Convs laid out as NCHWc, fused, or left in NCHW.
+        """What onnxruntime does at this pass's level, and at ``level=all`` too when this
+        pass is at ``extended`` (``graphopt explain`` cannot set options): BatchNorms
+        folded, Convs fused with their activation, Convs laid out as NCHWc and, as near
+        misses, the Convs left in NCHW with their weight shape and group.
 
-        Works on a clone; ``model`` is not changed.
+        Works on clones; ``model`` is not changed.
         """
-        work = model.clone()
-        result = self.run(work, ctx)
-        if not result.modified:
-            reason = str(result.stats.get("reason", "onnxruntime changed nothing"))
-            return [
+        levels = ["extended", "all"] if self.config["level"] == "extended" else ["all"]
+        rules: list[dict[str, Any]] = []
+        for level in levels:
+            work = model.clone()
+            result = OrtOffline(level=level).run(work, ctx)
+            s = result.stats
+            if not result.modified:
+                reason = str(s.get("reason", "onnxruntime changed nothing"))
+                rules.append(
+                    {
+                        "rule": f"level={level}",
+                        "matched": 0,
+                        "near_misses": [{"node": None, "reason": reason}],
+                    }
+                )
+                continue
+            if level == "extended":
+                rules.append({"rule": "bn_folded (level=extended)", "matched": s["bn_folded"]})
+                rules.append(
+                    {
+                        "rule": "conv_activation_to_fusedconv (level=extended)",
+                        "matched": s["fused_conv"],
+                    }
+                )
+                continue
+            block = s["nchwc_block"]
+            left = []
+            for g in gir.iter_graphs(work.graph):
+                for i, n in enumerate(g):
+                    if ((n.domain or ""), n.op_type) not in _CONVS:
+                        continue
+                    w = n.inputs[1] if len(n.inputs) > 1 else None
+                    shape = list(w.shape) if w is not None and w.shape is not None else "?"
+                    group = n.attributes.get_int("group", 1)
+                    left.append(
+                        {
+                            "node": n.name or f"{n.op_type}@{i}",
+                            "reason": (
+                                f"left in NCHW by onnxruntime's NCHWc transform (weight {shape}, "
+                                f"group {group}, block {block})"
+                            ),
+                        }
+                    )
+            rules.append(
                 {
-                    "rule": f"ort-offline{{level={self.config['level']}}}",
-                    "matched": 0,
-                    "near_misses": [{"node": None, "reason": reason}],
+                    "rule": "conv_to_nchwc (level=all)",
+                    "matched": s["nchwc_ops"].get("Conv", 0),
+                    "near_misses": left,
                 }
-            ]
-        s = result.stats
-        left = [
-            n
-            for g in gir.iter_graphs(work.graph)
-            for n in g
-            if ((n.domain or ""), n.op_type) in _CONVS
-        ]
-        why_left = (
-            "left in NCHW by onnxruntime's NCHWc transform (its channel counts or "
-            "group do not fit the block, or its input layout is not NCHWc)"
-            if self.config["level"] == "all"
-            else "level=extended keeps NCHW"
-        )
-        return [
-            {
-                "rule": "conv_to_nchwc",
-                "matched": s["nchwc_ops"].get("Conv", 0),
-                "near_misses": [{"node": n.name, "reason": why_left} for n in left],
-            },
-            {"rule": "conv_activation_to_fusedconv", "matched": s["fused_conv"]},
-            {
-                "rule": "layout_reorders",
-                "matched": sum(v for k, v in s["nchwc_ops"].items() if k.startswith("Reorder")),
-            },
-        ]
+            )
+            rules.append(
+                {
+                    "rule": "layout_reorders (level=all)",
+                    "matched": sum(v for k, v in s["nchwc_ops"].items() if k.startswith("Reorder")),
+                }
+            )
+        return rules
 
 
 def _replace(model: ir.Model, other: ir.Model) -> None:

@@ -208,15 +208,48 @@ def test_external_data_path_round_trips(model, monkeypatch):
     assert_numerics_preserved(model, out)
 
 
-def test_explain_counts_nchwc_convs(model):
-    rules = {r["rule"]: r for r in OrtOffline(level="all").explain(to_ir(model), PassContext())}
+def test_explain_counts_folds_fusions_and_nchwc_convs(model):
+    rules = {r["rule"]: r for r in OrtOffline().explain(to_ir(model), PassContext())}
+    assert rules["bn_folded (level=extended)"]["matched"] == 2
+    assert rules["conv_activation_to_fusedconv (level=extended)"]["matched"] == 2
     if ort_offline.nchwc_block_size() is None:
-        assert "no NCHWc kernels" in next(iter(rules.values()))["near_misses"][0]["reason"]
-        return
-    assert rules["conv_to_nchwc"]["matched"] == 2
-    assert rules["conv_to_nchwc"]["near_misses"] == []
+        assert "no NCHWc kernels" in rules["level=all"]["near_misses"][0]["reason"]
+    else:
+        assert rules["conv_to_nchwc (level=all)"]["matched"] == 2
+        assert rules["conv_to_nchwc (level=all)"]["near_misses"] == []
     generic = OrtOffline().explain(to_ir(model), PassContext(target="generic"))
-    assert generic[0]["matched"] == 0 and "target generic" in generic[0]["near_misses"][0]["reason"]
+    assert [r["matched"] for r in generic] == [0, 0]
+    assert "target generic" in generic[0]["near_misses"][0]["reason"]
+
+
+def test_explain_names_the_convs_left_in_nchw():
+    """A grouped (not depthwise) Conv is one the NCHWc transform leaves in NCHW."""
+    if ort_offline.nchwc_block_size() is None:
+        assert (
+            "no NCHWc kernels"
+            in OrtOffline(level="all").explain(to_ir(cnn()), PassContext())[0]["near_misses"][0][
+                "reason"
+            ]
+        )
+        return
+    w = numpy_helper.from_array(_f32(C, C // 4, 3, 3, scale=0.2), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=4, name="gconv")],
+        "grouped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, HW, HW])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, HW, HW])],
+        [w],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    (rule,) = [
+        r
+        for r in OrtOffline(level="all").explain(to_ir(m), PassContext())
+        if r["rule"] == "conv_to_nchwc (level=all)"
+    ]
+    assert rule["matched"] == 0
+    (miss,) = rule["near_misses"]
+    assert miss["node"] == "gconv" and "group 4" in miss["reason"]
+    assert f"[{C}, {C // 4}, 3, 3]" in miss["reason"]
 
 
 @pytest.mark.slow
