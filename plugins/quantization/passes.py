@@ -429,6 +429,7 @@ def cost_aware_precision(
     islands: Callable[[onnx.ModelProto, set[str]], list[str]],
     deadline: Deadline,
     attached: Mapping[str, set[str]] | None = None,
+    confirm: Scorer | None = None,
     probe_feeds: int = 4,
 ) -> dict[str, Any]:
     """graphopt's own: which compute nodes to keep int8 when errors are spread over the whole
@@ -444,7 +445,9 @@ def cost_aware_precision(
     3. Binary search of the longest prefix of that order whose model (the rest float, and
        the non-compute nodes that onnxruntime would then leave as float islands between
        Q/DQ) meets the budget on all check feeds; then the real model is rebuilt with that
-       split and checked again (stepping back when the rebuilt model misses).
+       split and checked again, also on the ``confirm`` feeds that took no part in the
+       search (stepping back by 10% of the prefix when it misses: the longest prefix within
+       budget on the check feeds sits just inside it, and misses on fresh data as often).
 
     Mutates ``cand`` when a split meets the budget; returns figures for the report (the
     isolated errors, the share of the work left int8).
@@ -505,6 +508,17 @@ def cost_aware_precision(
         floats, _m = split(k)
         final = rebuild(floats)
         s = scorer.score(final)
+        if s["ok"] and confirm is not None:
+            cs = confirm.score(final)
+            cand.notes["confirmed"] = {"ok": cs["ok"], "cosine": cs.get("cosine"),
+                                       "sqnr_db": cs.get("sqnr_db"), "top1": cs.get("top1"),
+                                       "feeds": len(confirm.feeds)}  # fmt: skip
+            if not cs["ok"]:
+                s = {
+                    **s,
+                    "ok": False,
+                    "violations": [f"confirmation feeds: {v}" for v in cs.get("violations", [])],
+                }
         if s["ok"]:
             cand.model, cand.score, cand.exclude = final, s, floats
             result["int8_work_share"] = round(sum(macs[n] for n in order[:k]) / total, 3)
@@ -547,6 +561,9 @@ class Int8(graphopt.Pass):
                                     choices=("nearest", "gptq")),
         "calib_samples": graphopt.Option(int, 64, "calibration feeds used for ranges"),
         "check_samples": graphopt.Option(int, 8, "calibration feeds held out to check fidelity"),
+        "confirm_samples": graphopt.Option(int, 16, "range feeds on which the chosen model "
+                                           "must hold the budget too (never used to choose: "
+                                           "guards against fitting the check feeds)"),
         "max_float": graphopt.Option(float, 0.3, "at most this share of quantized nodes may "
                                      "return to float"),
         "max_probes": graphopt.Option(int, 32, "nodes whose sensitivity is measured"),
@@ -660,6 +677,9 @@ class Int8(graphopt.Pass):
             except Exception as e:
                 stats["rounding_statistics"] = f"skipped: {type(e).__name__}: {str(e)[:160]}"
         scorer = Scorer(ctx, model, check)
+        confirm = (Scorer(ctx, model, range_feeds[: cfg["confirm_samples"]])
+                   if cfg["confirm_samples"] > 0 and range_feeds else None)  # fmt: skip
+        self._confirm = confirm
         speed = SpeedMeter(proto, check[0], seconds=cfg["bench_seconds"])
         base_speed = speed.ratio(fmodel, seconds=min(1.0, cfg["bench_seconds"]))
         stats["float_ms"] = base_speed["float_ms"]
@@ -712,6 +732,18 @@ class Int8(graphopt.Pass):
             tried[c.kind] = c.summary()
 
         ok = [c for c in candidates if c.score.get("ok")]
+        if confirm is not None:
+            # every choice above was made on the check feeds; the models that hold there must
+            # hold on feeds that took no part in any choice too (selection bias: a search that
+            # stops at the last split within budget lands just inside it on those feeds)
+            for c in ok:
+                if "confirmed" not in c.notes:
+                    cs = confirm.score(c.model)
+                    c.notes["confirmed"] = {"ok": cs["ok"], "cosine": cs.get("cosine"),
+                                            "sqnr_db": cs.get("sqnr_db"),
+                                            "top1": cs.get("top1"),
+                                            "feeds": len(confirm.feeds)}  # fmt: skip
+            ok = [c for c in ok if c.notes["confirmed"]["ok"]]
         stats["candidates"] = {
             c.kind: {**c.summary(), **{k: v for k, v in c.notes.items() if k != "mixed_precision"}}
             for c in candidates
@@ -722,8 +754,16 @@ class Int8(graphopt.Pass):
         if not ok:
             best = max(candidates, key=lambda c: c.score.get("quality", -1e9))
             raise _Skip(
-                "no int8 configuration meets the budget on the calibration check feeds "
-                f"(best: {best.kind}, " + ", ".join(best.score.get("violations") or ["?"]) + ")"
+                "no int8 configuration meets the budget on the calibration check (and "
+                "confirmation) feeds "
+                f"(best: {best.kind}, "
+                + ", ".join(best.score.get("violations") or ["?"])
+                + (
+                    f"; confirmation feeds: cosine={best.notes['confirmed']['cosine']}"
+                    if not best.score.get("violations") and "confirmed" in best.notes
+                    else ""
+                )
+                + ")"
             )
         best = max(ok, key=lambda c: c.speed.get("speedup", 0))
         # confirm the speed of the winner with a longer measurement
@@ -1006,7 +1046,8 @@ class Int8(graphopt.Pass):
 
         ca = cost_aware_precision(c, probe=probe, rebuild=rebuild, scorer=scorer, op_of=op_of,
                                   macs=macs, islands=islands, deadline=deadline,
-                                  attached=attached_nodes(fmodel, op_of, macs))  # fmt: skip
+                                  attached=attached_nodes(fmodel, op_of, macs),
+                                  confirm=self._confirm)  # fmt: skip
         return {**mp, "cost_aware": ca} if "failed" in ca else {"first_try": mp, **ca}
 
 

@@ -28,6 +28,7 @@ class _Scorer:
         self.limit_noise = limit_noise
         self.rebuilt_penalty = rebuilt_penalty
         self.calls = 0
+        self.feeds = [{}] * 4
 
     def score(self, model: Any, limit: int | None = None) -> dict[str, Any]:
         self.calls += 1
@@ -76,3 +77,17 @@ def test_rebuilt_model_that_misses_steps_back():
 def test_nothing_fits_is_a_clear_failure():
     cand, res = _run(_Scorer(0.0005))
     assert "failed" in res and cand.model == ("start", False)
+
+
+def test_split_must_hold_on_the_confirmation_feeds_too():
+    """The prefix of 3 holds on the check feeds; feeds that took no part in the search
+    (here: a stricter stand-in) reject it, and the search steps back to 2."""
+    cand = Candidate("static-u8", ("start", False))  # type: ignore[arg-type]
+    res = cost_aware_precision(
+        cand, probe=lambda f: (ALL - f, False), rebuild=lambda f: (ALL - f, True),
+        scorer=_Scorer(0.0085), op_of=dict.fromkeys(NODES, "Conv"),  # type: ignore[arg-type]
+        macs={n: w for n, (w, _) in NODES.items()}, islands=lambda m, f: [],
+        deadline=Deadline(60), confirm=_Scorer(0.005),  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert cand.model == (frozenset({"a", "e"}), True), res
+    assert cand.notes["confirmed"]["ok"] is True
