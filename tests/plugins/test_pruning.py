@@ -611,6 +611,9 @@ def test_prune_channels_search_meets_the_budget_through_optimize():
     assert st["search"] and any(t["ok"] for t in st["search"])
     (g,) = st["groups_pruned"]
     assert g["sensitivity_nsr"] and 0 < g["ratio"] <= 0.9
+    # importance=auto measured both orders: the hidden units are linearly redundant (W1 has
+    # rank 24), which OBS exploits and the output ranking does not
+    assert st["importance_auto"] == {"obs": 1} and g["importance"] == "obs"
     assert res.report.final["status"] == "ok"
 
 

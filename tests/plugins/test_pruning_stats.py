@@ -91,3 +91,16 @@ def test_masked_statistics_equal_statistics_over_the_real_tokens_only():
     np.testing.assert_allclose(weighted.gram, real.T @ real, rtol=1e-9, atol=1e-9)
     # the padding rows (relu of 0 = 0 here) pull the unweighted mean down
     assert np.all(plain.mean <= weighted.mean + 1e-12) and np.any(plain.mean < weighted.mean)
+
+
+def test_sensitivity_curve_goes_through_the_probes_and_starts_flat():
+    from graphopt_plugins.pruning.channels import _curve
+
+    f = _curve(100, {0.2: 0.01, 0.4: 0.04, 0.8: 0.64})
+    assert f(100) == 0.0
+    for kept, err in ((80, 0.01), (60, 0.04), (20, 0.64)):
+        assert abs(f(kept) - err) < 1e-12
+    assert abs(f(90) - 0.01 / 4) < 1e-12  # quadratic below the first probe
+    assert abs(f(40) - 0.16) < 1e-9  # log-linear between 0.4 and 0.8: geometric mean
+    errs = [f(k) for k in range(100, 0, -1)]
+    assert all(b >= a for a, b in zip(errs, errs[1:]))  # never decreases with the cut
