@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from graphopt_plugins.pruning._graph import run_with_values
@@ -103,4 +105,4 @@ def test_sensitivity_curve_goes_through_the_probes_and_starts_flat():
     assert abs(f(90) - 0.01 / 4) < 1e-12  # quadratic below the first probe
     assert abs(f(40) - 0.16) < 1e-9  # log-linear between 0.4 and 0.8: geometric mean
     errs = [f(k) for k in range(100, 0, -1)]
-    assert all(b >= a for a, b in zip(errs, errs[1:]))  # never decreases with the cut
+    assert all(b >= a for a, b in itertools.pairwise(errs))  # never decreases with the cut
