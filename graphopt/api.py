@@ -45,6 +45,9 @@ __all__ = ["OptimizeResult", "optimize"]
 
 log = logging.getLogger("graphopt")
 
+#: how many times at most a preset pipeline runs (see optimize())
+PRESET_ROUNDS = 3
+
 ModelLike = str | Path | onnx.ModelProto | ir.Model
 
 
@@ -281,7 +284,11 @@ def optimize(
         ),
         progress=progress,
     )
-    result_model, records = manager.run(ir_model, passes)
+    # A preset runs again while a round changes the model (3 rounds at most), so that running
+    # graphopt on its own output finds nothing left to do; a named pipeline runs as written,
+    # and LOSSY passes never run twice.
+    rounds = 1 if named or lossy else PRESET_ROUNDS
+    result_model, records = manager.run(ir_model, passes, rounds=rounds)
 
     report = Report(
         pipeline=format_pipeline(specs),
@@ -338,7 +345,7 @@ def optimize(
                 report.final["reason"],
             )
             manager.options.validate = "each"
-            result_model, records = manager.run(ir_model, passes)
+            result_model, records = manager.run(ir_model, passes, rounds=rounds)
             report.passes = records
             again = validator.measure(result_model, deployed=lossy_applied)
             report.final = {

@@ -149,8 +149,15 @@ class PassManager:
         return str(folder)
 
     # ------------------------------------------------------------------ the loop
-    def run(self, model: ir.Model, passes: Sequence[Pass]) -> tuple[ir.Model, list[PassRecord]]:
-        """Run ``passes`` over a working copy of ``model``; ``model`` itself is not changed."""
+    def run(
+        self, model: ir.Model, passes: Sequence[Pass], *, rounds: int = 1
+    ) -> tuple[ir.Model, list[PassRecord]]:
+        """Run ``passes`` over a working copy of ``model``; ``model`` itself is not changed.
+
+        With ``rounds`` > 1 the pipeline runs again, up to that many times in all, while the
+        previous round applied a pass (presets: so that a second run of graphopt on its own
+        output finds nothing left to do); a pass that failed is not run again.
+        """
         current = model.clone()
         signature = io_signature(model)
         previous: list[Feed] | None = None
@@ -163,89 +170,104 @@ class PassManager:
         nodes = gir.count_nodes(current)
         nbytes = gir.weight_bytes(current)
         numeric = self.options.validate == "each" and self.validator is not None
-        for index, p in enumerate(passes, 1):
-            rec = PassRecord(
-                name=p.name,
-                plugin=self.registry.origin(p.name),
-                tolerance=str(p.tolerance),
-                nodes_before=nodes,
-                nodes_after=nodes,
-                bytes_before=nbytes,
-                bytes_after=nbytes,
-            )
-            records.append(rec)
-            if stopped_by is not None:
-                rec.status, rec.reason = "skipped", f"run stopped after {stopped_by} failed"
-                self._report(index, len(passes), rec)
-                continue
-            gap = self._requirement_gap(p, current)
-            if gap:
-                rec.status, rec.reason = "skipped", gap
-                self._report(index, len(passes), rec)
-                continue
-            # a working copy left unchanged by a faithful no-op pass serves the next pass
-            if spare is not None:
-                candidate, before_nodes = spare
-            else:
-                candidate = current.clone()
-                before_nodes = _nodes(candidate)
-            spare = None
-            start = time.perf_counter()
-            try:
-                result = _call_with_timeout(
-                    functools.partial(p.run, candidate, self.ctx), self.options.pass_timeout
+        failed: set[str] = set()
+        for round_no in range(1, rounds + 1):
+            # later rounds: the passes that did not fail, while the last round changed the model
+            schedule = [p for p in passes if p.name not in failed]
+            changed = False
+            for index, p in enumerate(schedule, 1):
+                rec = PassRecord(
+                    name=p.name,
+                    round=round_no,
+                    plugin=self.registry.origin(p.name),
+                    tolerance=str(p.tolerance),
+                    nodes_before=nodes,
+                    nodes_after=nodes,
+                    bytes_before=nbytes,
+                    bytes_after=nbytes,
                 )
-            except Exception as e:
+                records.append(rec)
+                if stopped_by is not None:
+                    rec.status, rec.reason = "skipped", f"run stopped after {stopped_by} failed"
+                    self._report(index, len(schedule), rec)
+                    continue
+                gap = self._requirement_gap(p, current)
+                if gap and round_no > 1:
+                    records.pop()  # said in round 1
+                    continue
+                if gap:
+                    rec.status, rec.reason = "skipped", gap
+                    self._report(index, len(schedule), rec)
+                    continue
+                # a working copy left unchanged by a faithful no-op pass serves the next pass
+                if spare is not None:
+                    candidate, before_nodes = spare
+                else:
+                    candidate = current.clone()
+                    before_nodes = _nodes(candidate)
+                spare = None
+                start = time.perf_counter()
+                try:
+                    result = _call_with_timeout(
+                        functools.partial(p.run, candidate, self.ctx), self.options.pass_timeout
+                    )
+                except Exception as e:
+                    rec.seconds = time.perf_counter() - start
+                    kind = "timed out" if isinstance(e, _Timeout) else "raised"
+                    rec.status = "failed"
+                    rec.reason = f"{kind} {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                    if not isinstance(e, _Timeout):
+                        log.debug("pass %s raised:\n%s", p.name, traceback.format_exc())
+                    rec.repro = self._write_repro(index, p, current, rec.reason)
+                    self._report(index, len(schedule), rec)
+                    failed.add(p.name)
+                    if self.options.on_fail == "stop":
+                        stopped_by = p.name
+                    continue
                 rec.seconds = time.perf_counter() - start
-                kind = "timed out" if isinstance(e, _Timeout) else "raised"
-                rec.status = "failed"
-                rec.reason = f"{kind} {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                if not isinstance(e, _Timeout):
-                    log.debug("pass %s raised:\n%s", p.name, traceback.format_exc())
-                rec.repro = self._write_repro(index, p, current, rec.reason)
-                self._report(index, len(passes), rec)
-                if self.options.on_fail == "stop":
-                    stopped_by = p.name
-                continue
-            rec.seconds = time.perf_counter() - start
-            if not isinstance(result, PassResult):
-                rec.status = "failed"
-                rec.reason = f"run() returned {type(result).__name__}, not graphopt.PassResult"
-                self._report(index, len(passes), rec)
-                if self.options.on_fail == "stop":
-                    stopped_by = p.name
-                continue
-            rec.stats = dict(result.stats)
-            if not result.modified:
-                if p.faithful_noop:
-                    spare = candidate, before_nodes
-                rec.status = "no-op"
-                self._report(index, len(passes), rec)
-                continue
-            check = self._check(candidate, signature, p.tolerance, previous, numeric, after_lossy)
-            if check.metrics:
-                rec.metrics = {k: m.as_dict() for k, m in check.metrics.items()}
-            if not check.ok:
-                rec.status, rec.reason = "rolled-back", check.reason
-                rec.nodes_after = gir.count_nodes(candidate)
-                rec.bytes_after = gir.weight_bytes(candidate)
-                rec.repro = self._write_repro(index, p, current, check.reason)
-                self._report(index, len(passes), rec)
-                if self.options.on_fail == "stop":
-                    stopped_by = p.name
-                continue
-            # commit
-            # tag what this pass created (a rewriter may have copied an older tag over)
-            for node in _nodes(candidate) - before_nodes:
-                node.metadata_props[TAG] = p.name
-            current = candidate
-            if check.outputs is not None:
-                previous = check.outputs
-            nodes, nbytes = gir.count_nodes(current), gir.weight_bytes(current)
-            rec.status = "applied"
-            after_lossy = after_lossy or p.tolerance is Tolerance.LOSSY
-            rec.nodes_after, rec.bytes_after = nodes, nbytes
-            self._report(index, len(passes), rec)
+                if not isinstance(result, PassResult):
+                    rec.status = "failed"
+                    rec.reason = f"run() returned {type(result).__name__}, not graphopt.PassResult"
+                    self._report(index, len(schedule), rec)
+                    failed.add(p.name)
+                    if self.options.on_fail == "stop":
+                        stopped_by = p.name
+                    continue
+                rec.stats = dict(result.stats)
+                if not result.modified:
+                    if p.faithful_noop:
+                        spare = candidate, before_nodes
+                    rec.status = "no-op"
+                    self._report(index, len(schedule), rec)
+                    continue
+                check = self._check(candidate, signature, p.tolerance, previous, numeric, after_lossy)
+                if check.metrics:
+                    rec.metrics = {k: m.as_dict() for k, m in check.metrics.items()}
+                if not check.ok:
+                    rec.status, rec.reason = "rolled-back", check.reason
+                    rec.nodes_after = gir.count_nodes(candidate)
+                    rec.bytes_after = gir.weight_bytes(candidate)
+                    rec.repro = self._write_repro(index, p, current, check.reason)
+                    self._report(index, len(schedule), rec)
+                    failed.add(p.name)
+                    if self.options.on_fail == "stop":
+                        stopped_by = p.name
+                    continue
+                # commit
+                # tag what this pass created (a rewriter may have copied an older tag over)
+                for node in _nodes(candidate) - before_nodes:
+                    node.metadata_props[TAG] = p.name
+                current = candidate
+                if check.outputs is not None:
+                    previous = check.outputs
+                nodes, nbytes = gir.count_nodes(current), gir.weight_bytes(current)
+                rec.status = "applied"
+                changed = True
+                after_lossy = after_lossy or p.tolerance is Tolerance.LOSSY
+                rec.nodes_after, rec.bytes_after = nodes, nbytes
+                self._report(index, len(schedule), rec)
+            if not changed or stopped_by is not None:
+                break
         return current, records
 
     def _check(

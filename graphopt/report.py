@@ -34,6 +34,7 @@ class PassRecord:
     """What happened to one pass of the pipeline."""
 
     name: str
+    round: int = 1  # presets run again while a round changes the model
     plugin: str = ""
     tolerance: str = ""
     status: str = "skipped"
@@ -91,7 +92,7 @@ class Report:
             worst = _worst_abs(p.metrics)
             rows.append(
                 (
-                    p.name,
+                    p.name if p.round == 1 else f"{p.name} (round {p.round})",
                     p.status,
                     f"{p.nodes_before}->{p.nodes_after}"
                     if p.status == "applied"

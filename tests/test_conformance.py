@@ -106,7 +106,7 @@ SAMPLE: list[tuple[str, str]] = [
     ("node", "test_split_to_sequence_1"),
     ("node", "test_if_opt"),
     ("node", "test_string_concat"),  # was a crash (string outputs), fixed in 9ee4a00
-    ("node", "test_attention_3d_expanded"),
+    ("node", "test_attention_3d_expanded"),  # was not idempotent: presets run to a fixpoint
     ("node", "test_causal_conv_with_state_silu_expanded"),
     ("pytorch-converted", "test_PixelShuffle"),
     ("simple", "test_sequence_model5"),
@@ -120,9 +120,6 @@ KNOWN: dict[str, str] = {
     "test_if_opt": "cse crashes (contained: status failed): onnx_ir's "
     "CommonSubexpressionElimination hashes attribute values and a TYPE_PROTO attribute "
     "(TypeAndShape, Optional's 'type') is unhashable: TypeError",
-    "test_attention_3d_expanded": "-O1 not idempotent: fuse-reshape-chains (order 100) fires "
-    "again on a second run (transpose_transpose), once the final cleanup band removed the "
-    "second consumer of the first Transpose",
     "test_causal_conv_with_state_silu_expanded": "fuse-activations (silu) emits Swish in an "
     "opset-25+ model; onnxruntime 1.32 has Swish only for opset 24 -> rolled back",
     "test_PixelShuffle": "fold-constants adds initializers that are not graph inputs to an IR "
@@ -132,17 +129,13 @@ KNOWN: dict[str, str] = {
 }
 
 
-# Cases whose failure shows only in the idempotence / determinism re-runs (-O1 only).
-RERUN_ONLY = {"test_attention_3d_expanded"}
-
-
 def _params(level: int) -> list[object]:
     out = []
     for kind, name in SAMPLE:
         if level == 2 and not _at_o2(kind, name):
             continue
         marks = []
-        if name in KNOWN and (level == 1 or name not in RERUN_ONLY):
+        if name in KNOWN:
             marks.append(pytest.mark.xfail(strict=True, reason=KNOWN[name]))
         out.append(pytest.param(kind, name, marks=marks, id=f"{kind}/{name}"))
     return out
@@ -264,8 +257,6 @@ def test_deterministic_across_processes(cache: Path):
 KNOWN_CLASSES = [
     ("pass crashed (contained): fold-constants", "(::SplitToSequence)"),
     ("pass crashed (contained): cse", "unhashable type: 'TypeAndShape'"),
-    ("not idempotent", "applied again: fuse-reshape-chains"),
-    ("not idempotent", "applied again: fuse-gelu"),
 ]
 
 

@@ -214,6 +214,50 @@ def test_a_lie_after_a_faithful_no_op_is_still_discarded():
     assert r.report.final["metrics"]["logits"]["max_abs"] == 0.0
 
 
+@pytest.mark.parametrize(("applies", "rounds"), [(0, 1), (1, 2), (2, 3), (10, 3)])
+def test_a_preset_runs_again_until_a_round_changes_nothing(applies, rounds):
+    calls = {"n": 0}
+
+    def touch(self, model, ctx):
+        calls["n"] += 1
+        if calls["n"] > applies:
+            return graphopt.PassResult(False)
+        model.graph.doc_string = f"touched {calls['n']}"  # harmless, but a change
+        return graphopt.PassResult(True)
+
+    r = opt(None, make_pass("t.touch", body=touch, level=1), level=1)
+    assert [(p.name, p.round) for p in r.report.passes] == [
+        ("t.touch", k) for k in range(1, rounds + 1)
+    ]
+    assert calls["n"] == rounds
+
+
+def test_a_named_pipeline_and_a_failed_pass_run_once():
+    calls = {"n": 0}
+
+    def touch(self, model, ctx):
+        calls["n"] += 1
+        model.graph.doc_string = f"touched {calls['n']}"
+        return graphopt.PassResult(True)
+
+    def crash(self, model, ctx):
+        raise RuntimeError("boom")
+
+    r = opt("t.touch", make_pass("t.touch", body=touch, level=1))
+    assert [p.round for p in r.report.passes] == [1]
+    calls["n"] = 0
+    r = opt(
+        None,
+        make_pass("t.touch", body=touch, level=1, order=1),
+        make_pass("t.crash", body=crash, level=1, order=2),
+        level=1,
+    )
+    assert [(p.name, p.round, p.status) for p in r.report.passes] == [
+        ("t.touch", 1, "applied"), ("t.crash", 1, "failed"),
+        ("t.touch", 2, "applied"), ("t.touch", 3, "applied"),
+    ]  # fmt: skip
+
+
 def test_timeout_is_recorded_as_failed():
     def slow(self, model, ctx):
         time.sleep(5)
