@@ -240,7 +240,9 @@ class PassManager:
                     rec.status = "no-op"
                     self._report(index, len(schedule), rec)
                     continue
-                check = self._check(candidate, signature, p.tolerance, previous, numeric, after_lossy)
+                check = self._check(
+                    candidate, signature, p.tolerance, previous, numeric, after_lossy
+                )
                 if check.metrics:
                     rec.metrics = {k: m.as_dict() for k, m in check.metrics.items()}
                 if not check.ok:
