@@ -21,7 +21,8 @@ Levels (option ``level``):
   provider on a CPU with the same ISA (onnxruntime itself warns so when it writes it). The
   model is stamped with metadata ``graphopt.ort_offline`` (onnxruntime version, level, block
   size, CPU) so that a deployer can check. Where this onnxruntime build has no NCHWc
-  kernels (not x86-64 with AVX2 or better), the pass is a no-op and says why.
+  kernels (probed: MLAS has them on x86-64 with AVX2 / AVX-512), the pass is a no-op and
+  says why.
 
 Not in any ``-O`` preset and refused for every target but ``cpu``: it must be named,
 ``-p "...,ort-offline{level=all}"``. Figures: ``plugins/runtime/MEASURED.md``.
@@ -190,9 +191,9 @@ class OrtOffline(graphopt.Pass):
             return "the model already holds onnxruntime's NCHWc ops (already optimized offline)"
         if level == "all" and nchwc_block_size() is None:
             return (
-                "this onnxruntime build has no NCHWc kernels on this CPU (they need x86-64 "
-                "with AVX2 or better), so level=all would equal level=extended; "
-                "use level=extended"
+                "this onnxruntime build has no NCHWc kernels on this CPU (MLAS has them on "
+                "x86-64 with AVX2 / AVX-512; a probe Conv stayed NCHW), so level=all would "
+                "equal level=extended; use level=extended"
             )
         return None
 
