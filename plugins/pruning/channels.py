@@ -414,6 +414,8 @@ class PruneChannels(graphopt.Pass):
             st_a, orders_a, _ = fits[0]
             deadline = t0 + cfg["time_limit"]
             auto_picks: dict[str, int] = {}
+            # larger probes are skipped once a group's error is this far past the budget
+            cap = 4.0 * (target_nsr(goal) or math.inf)
             lsq_or = "lsq" if recovery in ("auto", "sequential") else recovery
 
             def pick_order(g: Group, k: int) -> None:
@@ -464,6 +466,8 @@ class PruneChannels(graphopt.Pass):
                     key = round(1 - k / g.channels, 4)
                     if k >= g.channels or key in sensitivity[g.id]:
                         continue
+                    if any(v > cap for r0, v in sensitivity[g.id].items() if r0 < key):
+                        break  # far past the budget already: the search never goes there
                     cand, _, _ = build(
                         {g.id: k},
                         st_a,
