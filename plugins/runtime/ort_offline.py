@@ -20,7 +20,9 @@ Levels (option ``level``):
   AVX-512), baked into the weights, so the model runs only on onnxruntime's CPU execution
   provider on a CPU with the same ISA (onnxruntime itself warns so when it writes it). The
   model is stamped with metadata ``graphopt.ort_offline`` (onnxruntime version, level, block
-  size, CPU) so that a deployer can check. Where this onnxruntime build has no NCHWc
+  size, CPU) so that a deployer can check (:func:`stamp_mismatch`): with another block size,
+  onnxruntime's kernels would read the weights with their own block, which can give wrong
+  outputs rather than an error. Where this onnxruntime build has no NCHWc
   kernels (probed: MLAS has them on x86-64 with AVX2 / AVX-512), the pass is a no-op and
   says why.
 
@@ -55,7 +57,7 @@ from graphopt.context import PassContext
 from graphopt.hardware import cpu_features
 from graphopt.validate import io_signature
 
-__all__ = ["NCHWC_DOMAIN", "STAMP_KEY", "OrtOffline", "nchwc_block_size"]
+__all__ = ["NCHWC_DOMAIN", "STAMP_KEY", "OrtOffline", "nchwc_block_size", "stamp_mismatch"]
 
 log = logging.getLogger("graphopt.pass.runtime")
 
@@ -129,6 +131,38 @@ def nchwc_block_size() -> int | None:
             weight = names.get(node.input[1])
             if weight is not None and weight.dims:
                 return int(weight.dims[0])
+    return None
+
+
+def stamp_mismatch(model: ir.Model | Any) -> str | None:
+    """Why an ``ort-offline{level=all}`` model must not run on this machine, or None.
+
+    For a deployer, before loading the model: compares the stamp ``graphopt.ort_offline``
+    (written by the pass) with this onnxruntime build's NCHWc block size. onnxruntime's NCHWc
+    kernels read the pre-blocked weights with the block size of the CPU they run on
+    (``MlasNchwcGetBlockSize()`` in ``nchwc_ops.cc``), and their shape checks pass whenever
+    the channel counts are multiples of both sizes, so a mismatch can give wrong outputs
+    rather than an error (read from onnxruntime's source; not reproduced here, for want of
+    a CPU with another block size). Accepts an ``onnx_ir.Model`` or an ``onnx.ModelProto``.
+    """
+    if isinstance(model, ir.Model):
+        props = dict(model.metadata_props)
+    else:
+        props = {p.key: p.value for p in model.metadata_props}
+    raw = props.get(STAMP_KEY)
+    if raw is None:
+        return None
+    stamp = json.loads(raw)
+    want = stamp.get("nchwc_block")
+    if want is None:  # level=extended: no blocked weights
+        return None
+    have = nchwc_block_size()
+    if have != want:
+        return (
+            f"the model's weights are blocked for NCHWc block {want} ({stamp.get('cpu')}); "
+            f"this onnxruntime/CPU has {'no NCHWc kernels' if have is None else f'block {have}'}"
+            ": re-run ort-offline{level=all} on this machine, or use level=extended"
+        )
     return None
 
 

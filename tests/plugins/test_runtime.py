@@ -19,7 +19,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from graphopt_plugins.runtime import ort_offline
-from graphopt_plugins.runtime.ort_offline import NCHWC_DOMAIN, STAMP_KEY, OrtOffline
+from graphopt_plugins.runtime.ort_offline import (
+    NCHWC_DOMAIN,
+    STAMP_KEY,
+    OrtOffline,
+    stamp_mismatch,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
@@ -148,6 +153,20 @@ def test_level_extended_is_portable_fused_conv(model):
     assert ops[("com.microsoft", "FusedConv")] == 2
     assert not any(d == NCHWC_DOMAIN for d, _ in ops)
     assert_numerics_preserved(model, out)
+
+
+def test_stamp_tells_a_deployer_whether_the_model_runs_here(model, monkeypatch):
+    assert stamp_mismatch(model) is None  # not made by the pass: nothing to say
+    ext, _ = run_pass(OrtOffline(level="extended"), model)
+    monkeypatch.setattr(ort_offline, "nchwc_block_size", lambda: 16)
+    out, res = run_pass(OrtOffline(level="all"), model)
+    assert res.modified and stamp_mismatch(out) is None
+    assert stamp_mismatch(gir.to_proto(out)) is None  # a ModelProto too
+    monkeypatch.setattr(ort_offline, "nchwc_block_size", lambda: 8)  # an AVX2 machine
+    assert "block 16" in stamp_mismatch(out) and "block 8" in stamp_mismatch(out)
+    monkeypatch.setattr(ort_offline, "nchwc_block_size", lambda: None)
+    assert "no NCHWc kernels" in stamp_mismatch(out)
+    assert stamp_mismatch(ext) is None  # level=extended is portable
 
 
 def test_no_nchwc_kernels_is_a_clear_noop(model, monkeypatch):
