@@ -567,6 +567,7 @@ class FusionPass(graphopt.Pass):
             id(v) for g in gir.iter_graphs(model.graph) for v in g.initializers.values()
         }
         constants = _constants_in_use(model)
+        names = {r.name for r in rules}
         for _ in range(self.max_rounds):
             changed = 0
             present = op_types(model)
@@ -581,10 +582,11 @@ class FusionPass(graphopt.Pass):
                 changed += n
             if not changed:
                 break
+            # the Identity a rule left (Transpose pair cancelled) would hide the next
+            # round's matches (Squeeze -> Identity -> Unsqueeze)
+            _drop_identities(model, names)
         total = sum(counts.values())
         if total:
-            names = {r.name for r in rules}
-            _drop_identities(model, names)
             _drop_orphans(constants + _created_constants(model, before_nodes, before_inits))
         return graphopt.PassResult(modified=total > 0, stats=counts)
 
