@@ -156,7 +156,8 @@ class PassManager:
 
         With ``rounds`` > 1 the pipeline runs again, up to that many times in all, while the
         previous round applied a pass (presets: so that a second run of graphopt on its own
-        output finds nothing left to do); a pass that failed is not run again.
+        output finds nothing left to do); a pass that failed is not run again, nor a
+        ``faithful_noop`` pass that was a no-op on the very model it would get now.
         """
         current = model.clone()
         signature = io_signature(model)
@@ -171,11 +172,15 @@ class PassManager:
         nbytes = gir.weight_bytes(current)
         numeric = self.options.validate == "each" and self.validator is not None
         failed: set[str] = set()
+        commits = 0  # changes committed so far: the model's version
+        noop_at: dict[int, int] = {}  # pipeline position -> version it last was a no-op on
         for round_no in range(1, rounds + 1):
             # later rounds: the passes that did not fail, while the last round changed the model
-            schedule = [p for p in passes if p.name not in failed]
+            schedule = [(i, p) for i, p in enumerate(passes) if p.name not in failed]
             changed = False
-            for index, p in enumerate(schedule, 1):
+            for index, (position, p) in enumerate(schedule, 1):
+                if p.faithful_noop and noop_at.get(position) == commits:
+                    continue  # a no-op on this very model already: nothing new to find
                 rec = PassRecord(
                     name=p.name,
                     round=round_no,
@@ -237,6 +242,7 @@ class PassManager:
                 if not result.modified:
                     if p.faithful_noop:
                         spare = candidate, before_nodes
+                    noop_at[position] = commits
                     rec.status = "no-op"
                     self._report(index, len(schedule), rec)
                     continue
@@ -260,6 +266,7 @@ class PassManager:
                 for node in _nodes(candidate) - before_nodes:
                     node.metadata_props[TAG] = p.name
                 current = candidate
+                commits += 1
                 if check.outputs is not None:
                     previous = check.outputs
                 nodes, nbytes = gir.count_nodes(current), gir.weight_bytes(current)

@@ -232,6 +232,32 @@ def test_a_preset_runs_again_until_a_round_changes_nothing(applies, rounds):
     assert calls["n"] == rounds
 
 
+def test_a_faithful_no_op_is_not_rerun_on_the_same_model():
+    calls = {"n": 0}
+
+    def touch_once(self, model, ctx):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return graphopt.PassResult(False)
+        model.graph.doc_string = "touched"
+        return graphopt.PassResult(True)
+
+    def nothing(self, model, ctx):
+        return graphopt.PassResult(False)
+
+    r = opt(
+        None,
+        make_pass("t.a", body=nothing, level=1, order=1, faithful_noop=True),
+        make_pass("t.b", body=touch_once, level=1, order=2),
+        make_pass("t.c", body=nothing, level=1, order=3, faithful_noop=True),
+        level=1,
+    )
+    # round 2: t.a sees a changed model, t.c the model it already found nothing in
+    assert [(p.name, p.round) for p in r.report.passes] == [
+        ("t.a", 1), ("t.b", 1), ("t.c", 1), ("t.a", 2), ("t.b", 2),
+    ]  # fmt: skip
+
+
 def test_a_named_pipeline_and_a_failed_pass_run_once():
     calls = {"n": 0}
 
