@@ -170,6 +170,26 @@ def _op_counts(model: ir.Model) -> Counter[tuple[str, str]]:
     return Counter((n.domain or "", n.op_type) for g in gir.iter_graphs(model.graph) for n in g)
 
 
+def _not_in_onnx(model: ir.Model) -> list[str]:
+    """Default-domain ops with no ONNX schema at the model's opset, sorted.
+
+    onnxruntime registers some of its fusions' outputs in the ONNX domain
+    (``LayerNormalization`` for any opset, ``SimplifiedLayerNormalization``): it runs them,
+    but the ONNX checker, and so graphopt's structural check, refuses them. Found before
+    the manager would roll the pass back, to say why.
+    """
+    import onnx.defs
+
+    opset = int(model.opset_imports.get("", 0))
+    bad = {
+        n.op_type
+        for g in gir.iter_graphs(model.graph)
+        for n in g
+        if (n.domain or "") in ("", "ai.onnx") and not onnx.defs.has(n.op_type, opset)
+    }
+    return sorted(bad)
+
+
 def _used_domains(model: ir.Model) -> set[str]:
     used = {""}
     for g in gir.iter_graphs(model.graph):
@@ -252,6 +272,18 @@ class OrtOffline(graphopt.Pass):
                 {
                     "reason": "onnxruntime's optimized model changes the graph inputs/outputs "
                     "(it folded initializers that are also graph inputs); left as is"
+                },
+            )
+        foreign = _not_in_onnx(out)
+        if foreign:
+            return graphopt.PassResult(
+                False,
+                {
+                    "reason": "onnxruntime's optimized model uses ops the ONNX checker rejects "
+                    f"at this model's opset {out.opset_imports.get('', 0)}: "
+                    f"{', '.join(foreign)} (onnxruntime's own kernels in the ONNX domain); "
+                    "left as is. Converting the model to opset >= 17 first "
+                    "(onnx.version_converter) makes LayerNormalization standard"
                 },
             )
         after = _op_counts(out)

@@ -169,6 +169,57 @@ def test_stamp_tells_a_deployer_whether_the_model_runs_here(model, monkeypatch):
     assert stamp_mismatch(ext) is None  # level=extended is portable
 
 
+def _decomposed_layernorm(opset: int) -> onnx.ModelProto:
+    """(x - mean) / sqrt(var + eps) * g + b over the last axis, as exporters write it."""
+    d = 16
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1]),
+        helper.make_node("Sub", ["x", "mu"], ["xc"]),
+        helper.make_node("Pow", ["xc", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["sd"]),
+        helper.make_node("Div", ["xc", "sd"], ["xn"]),
+        helper.make_node("Mul", ["xn", "g"], ["xg"]),
+        helper.make_node("Add", ["xg", "b"], ["y"]),
+    ]
+    if opset >= 18:  # ReduceMean takes axes as an input from opset 18
+        for n in (nodes[0], nodes[3]):
+            del n.attribute[:]
+            n.input.append("axes")
+    inits = [
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+        numpy_helper.from_array(_f32(d), "g"),
+        numpy_helper.from_array(_f32(d), "b"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, d])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_ops_the_checker_rejects_at_the_opset_are_a_clear_noop():
+    """onnxruntime fuses LayerNormalization into the ONNX domain even at opset 12."""
+    old = _decomposed_layernorm(12)
+    out, res = run_pass(OrtOffline(), old)
+    assert not res.modified
+    assert "LayerNormalization" in res.stats["reason"] and "opset 12" in res.stats["reason"]
+    assert _ops(out) == _ops(old)
+    # at opset 17 the same fusion is standard ONNX: applied and valid
+    new = _decomposed_layernorm(18)
+    out, res = run_pass(OrtOffline(), new)
+    assert res.modified and _ops(out)[("", "LayerNormalization")] == 1
+    assert_numerics_preserved(new, out)
+
+
 def test_no_nchwc_kernels_is_a_clear_noop(model, monkeypatch):
     monkeypatch.setattr(ort_offline, "nchwc_block_size", lambda: None)
     out, res = run_pass(OrtOffline(level="all"), model)
