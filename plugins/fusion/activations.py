@@ -10,8 +10,11 @@
   with Clip's min/max inputs, i.e. >= 11). onnxscript's ``HardSigmoidFusion``.
 * ``hardswish_from_hardsigmoid``: ``x * HardSigmoid(x; 1/6, 0.5)`` -> HardSwish (opset >=
   14). onnxscript's ``HardSwishFusionFromHardSigmoid`` with a graphopt opset guard.
-* ``silu``: ``x * Sigmoid(x)`` -> Swish (opset >= 24; ONNX has no single SiLU op before
-  that, so lower opsets keep the two standard ops). graphopt's.
+* ``silu``: ``x * Sigmoid(x)`` -> for the onnxruntime targets (cpu, cuda) its contrib
+  ``com.microsoft.QuickGelu(alpha=1)``, one fused kernel at any opset (onnxruntime 1.32
+  has no Swish kernel: it runs Swish by expanding its function body, and not at opset 25+);
+  elsewhere Swish (opset >= 24; ONNX has no single SiLU op before that, so lower opsets keep
+  the two standard ops). graphopt's.
 
 onnxscript 0.7.2 emits HardSwish without checking the opset (HardSwish exists from opset
 14), hence the guards.
@@ -19,6 +22,7 @@ onnxscript 0.7.2 emits HardSwish without checking the opset (HardSwish exists fr
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from graphopt_plugins.fusion._base import Env, FusionRule, Rule, fail, opset_of
 from onnxscript.rewriter.rules.common import _fuse_hardswish as os_hs
 
@@ -43,15 +47,29 @@ class HardSwishFromHardSigmoid(os_hs.HardSwishFusionFromHardSigmoid):
         return super().check(context, *args, **kwargs)
 
 
+#: onnxruntime's QuickGelu kernels per target (the substitution plugin's silu rule too)
+QUICKGELU_TYPES = {
+    "cpu": {ir.DataType.FLOAT},
+    "cuda": {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16},
+}
+
+
 class Silu(Rule):
     def pattern(self, op, x):
         return op.Mul(x, op.Sigmoid(x))
 
     def check(self, context, x, **_):
-        _need(context, 24, "Swish")
+        kernels = QUICKGELU_TYPES.get(self.env.ctx.target, set())
+        self._contrib = self.env.ort_contrib and x.dtype in kernels
+        if not self._contrib:
+            _need(context, 24, "Swish")
         return True
 
     def rewrite(self, op, x, **_):
+        if self._contrib:
+            return op.QuickGelu(
+                x, alpha=1.0, _domain="com.microsoft", _name=self.env.fresh("QuickGelu")
+            )
         return op.Swish(x, _name=self.env.fresh("Swish"))
 
 

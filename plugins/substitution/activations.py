@@ -187,8 +187,7 @@ class Silu(Rule):
                 else "fuses x*Sigmoid(x) itself"
             )
             raise fail(f"opset {opset} (Swish only at 24) and target {target} {why}")
-        ok = {D.FLOAT} if target == "cpu" else {D.FLOAT, D.FLOAT16, D.BFLOAT16}
-        if dtype not in ok:
+        if dtype not in fusion_act.QUICKGELU_TYPES.get(target, set()):
             raise fail(f"onnxruntime's {target} QuickGelu has no {dtype} kernel")
         self._emit = ("QuickGelu", a)
         return True

@@ -994,14 +994,26 @@ def test_x_times_hardsigmoid_is_hardswish():
 def test_silu_to_swish_only_from_opset_24(opset, fused):
     nodes = [node("Sigmoid", ["x"], ["s"], name="sig"), node("Mul", ["s", "x"], ["z"], name="mul")]
     m = model(nodes, [vi("x", [2, 8])], [vi("z", [2, 8])], opset=opset)
-    out, _result = fuse(FuseActivations(), m)
+    out, _result = fuse(FuseActivations(), m, target="generic")
     assert (op_types(out) == ["Swish"]) is fused
     if fused:
         assert_numerics_preserved(m, out)
     else:
-        assert reasons(explain(FuseActivations(), m), "silu") == [
+        assert reasons(explain(FuseActivations(), m, target="generic"), "silu") == [
             "opset 17 < 24: Swish needs opset 24"
         ]
+
+
+@pytest.mark.parametrize("opset", [17, 24, 25])
+def test_silu_to_onnxruntime_quickgelu_for_the_cpu_target(opset):
+    nodes = [node("Sigmoid", ["x"], ["s"], name="sig"), node("Mul", ["x", "s"], ["z"], name="mul")]
+    m = model(nodes, [vi("x", [2, 8])], [vi("z", [2, 8])], opset=opset)
+    out, result = fuse(FuseActivations(), m, target="cpu")
+    assert result.stats["silu"] == 1
+    (q,) = list(out.graph)
+    assert (q.op_type, q.domain) == ("QuickGelu", "com.microsoft")
+    assert q.attributes["alpha"].as_float() == 1.0
+    assert_numerics_preserved(m, out)
 
 
 # --------------------------------------------------------------------------- fuse-attention
