@@ -448,3 +448,197 @@ def test_render_only_rewrites_report_from_json(tmp_path):
     assert "onnxslim cannot handle this model" in text
     assert plot.exists()
     assert "](docs/b.png)" in text
+
+
+# ------------------------------------------------------------------- included sections
+
+GENERATED = "# Benchmarks\n\nGenerated table | 1.23x\n\n## Summary\n\nrow\n\n"
+SOURCE_A = (
+    "# Pruning: measured\n\nSpeedup **1.31x** at cosine 0.99.\n\n## Setup\n\n"
+    "See [the curve](curve.py) and [fusion](#setup) and [peers](https://example.org/x).\n\n"
+    "```sh\n# a shell comment, not a heading\npython curve.py\n```\n"
+)
+SOURCE_B = "# Scale\n\n| model | wall |\n|---|---:|\n| 100k | 70 s |\n"
+
+
+def _sources(root: Path) -> tuple[bm.Include, ...]:
+    (root / "plugins" / "pruning").mkdir(parents=True)
+    (root / "docs").mkdir()
+    (root / "plugins" / "pruning" / "MEASURED.md").write_text(SOURCE_A)
+    (root / "docs" / "scale.md").write_text(SOURCE_B)
+    return (
+        bm.Include("plugins/pruning/MEASURED.md", "Pruning (issue #6)", 6, "curves"),
+        bm.Include("docs/scale.md", "Scale (issue #8)", 8, "100k chain"),
+    )
+
+
+def _report(tmp_path: Path, text: str = GENERATED) -> Path:
+    out = tmp_path / "out" / "BENCHMARKS.md"
+    out.parent.mkdir()
+    out.write_text(text)
+    return out
+
+
+def test_refresh_includes_appends_sections_and_keeps_generated_bytes(tmp_path):
+    incs = _sources(tmp_path / "repo")
+    out = _report(tmp_path)
+    assert bm.refresh_includes(out, tmp_path / "repo", incs) is True
+    text = out.read_text()
+    assert text.startswith(GENERATED)
+    generated, part = bm.split_report(text)
+    assert generated == GENERATED and part is not None
+    # each source between its markers, under its own heading naming the source file
+    for inc in incs:
+        begin = text.index(bm.INCLUDE_BEGIN.format(path=inc.path))
+        end = text.index(bm.INCLUDE_END, begin)
+        section = text[begin:end]
+        assert f"## {inc.title}\n" in section
+        assert f"Included from [`{inc.path}`](../repo/{inc.path})" in section
+        assert "commands that reproduce these figures are in that file" in section
+    # table of contents first, with the issue each section answers
+    toc = part[: part.index(bm.INCLUDE_BEGIN.format(path=incs[0].path))]
+    assert "| [Pruning (issue #6)](#pruning-issue-6) | #6 | curves |" in toc
+    assert "| [Scale (issue #8)](#scale-issue-8) | #8 | 100k chain |" in toc
+    # text verbatim; headings two levels down; fenced code and anchors/URLs untouched;
+    # relative links re-based onto the source's folder
+    assert "### Pruning: measured\n" in text and "#### Setup\n" in text
+    assert "Speedup **1.31x** at cosine 0.99." in text
+    assert "```sh\n# a shell comment, not a heading\npython curve.py\n```" in text
+    assert "[the curve](../repo/plugins/pruning/curve.py)" in text
+    assert "[fusion](#setup)" in text and "[peers](https://example.org/x)" in text
+    assert "| 100k | 70 s |" in text
+    assert text.endswith(bm.PART_END + "\n")
+
+
+def test_refresh_includes_is_idempotent(tmp_path):
+    incs = _sources(tmp_path / "repo")
+    out = _report(tmp_path)
+    bm.refresh_includes(out, tmp_path / "repo", incs)
+    first = out.read_bytes()
+    assert bm.refresh_includes(out, tmp_path / "repo", incs) is False
+    assert out.read_bytes() == first
+
+
+def test_refresh_includes_replaces_only_the_included_part(tmp_path):
+    repo = tmp_path / "repo"
+    incs = _sources(repo)
+    out = _report(tmp_path)
+    bm.refresh_includes(out, repo, incs)
+    before = out.read_text()
+    (repo / "docs" / "scale.md").write_text(SOURCE_B.replace("70 s", "9 s"))
+    assert bm.refresh_includes(out, repo, incs) is True
+    after = out.read_text()
+    assert "| 100k | 9 s |" in after and "| 100k | 70 s |" not in after
+    assert bm.split_report(after)[0] == bm.split_report(before)[0] == GENERATED
+    for inc in incs:  # replaced, not appended a second time
+        assert after.count(bm.INCLUDE_BEGIN.format(path=inc.path)) == 1
+    assert after.count(bm.INCLUDE_END) == len(incs) and after.count(bm.PART_BEGIN) == 1
+
+
+def test_refresh_includes_cli(tmp_path, monkeypatch):
+    incs = _sources(tmp_path / "repo")
+    monkeypatch.setattr(bm, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(bm, "INCLUDES", incs)
+    out = _report(tmp_path)
+    assert bm.main(["--refresh-includes", "--out", str(out)]) == 0
+    assert bm.split_report(out.read_text())[0] == GENERATED
+    assert "| 100k | 70 s |" in out.read_text()
+    assert bm.main(["--refresh-includes", "--render-only", "--out", str(out)]) == 2
+
+
+def test_refresh_includes_fails_clearly_on_a_missing_source(tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    incs = _sources(repo)
+    out = _report(tmp_path)
+    bm.refresh_includes(out, repo, incs)
+    before = out.read_bytes()
+    (repo / "docs" / "scale.md").unlink()
+    with pytest.raises(bm.IncludeError, match=r"docs/scale.md is listed in .*INCLUDES"):
+        bm.refresh_includes(out, repo, incs)
+    monkeypatch.setattr(bm, "ROOT", repo)
+    monkeypatch.setattr(bm, "INCLUDES", incs)
+    assert bm.main(["--refresh-includes", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: docs/scale.md is listed" in err and "Nothing was written" in err
+    assert out.read_bytes() == before
+    # no report to refresh
+    with pytest.raises(bm.IncludeError, match=r"does not exist: run tools/benchmark\.py"):
+        bm.refresh_includes(tmp_path / "none.md", repo, incs)
+
+
+def _break_end(t: str) -> str:
+    return t.replace(bm.INCLUDE_END, "", 1)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_break_end, "an include starts before the one of line"),
+        (lambda t: t[::-1].replace(bm.INCLUDE_END[::-1], "", 1)[::-1], "ends inside the include"),
+        (lambda t: t.replace(bm.PART_END, ""), "is missing"),
+        (lambda t: t.replace(bm.INCLUDE_BEGIN.format(path="docs/scale.md"), ""),
+         "without its start"),
+        (lambda t: t + bm.PART_BEGIN + "\n", "appears 2 times"),
+        (lambda t: t + "hand-written notes\n", "text after"),
+        (lambda t: t.replace("row\n", "row\n" + bm.INCLUDE_END + "\n", 1),
+         "inside the generated part"),
+        (lambda t: t.replace(bm.PART_BEGIN, "<!-- start -->"), "without the line that starts"),
+        (lambda t: t.replace(bm.INCLUDE_END, "<!-- end of include, sort of -->", 1), "malformed"),
+    ],
+)  # fmt: skip
+def test_refresh_includes_refuses_broken_markers(tmp_path, mutate, message):
+    repo = tmp_path / "repo"
+    incs = _sources(repo)
+    out = _report(tmp_path)
+    bm.refresh_includes(out, repo, incs)
+    broken = mutate(out.read_text())
+    out.write_text(broken)
+    with pytest.raises(bm.IncludeError, match=message):
+        bm.refresh_includes(out, repo, incs)
+    assert out.read_text() == broken  # nothing written
+
+
+def test_source_with_a_marker_line_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    incs = _sources(repo)
+    (repo / "docs" / "scale.md").write_text(SOURCE_B + bm.INCLUDE_END + "\n")
+    out = _report(tmp_path)
+    with pytest.raises(bm.IncludeError, match=r"contains a BENCHMARKS\.md include marker"):
+        bm.refresh_includes(out, repo, incs)
+    assert out.read_text() == GENERATED
+
+
+def test_measuring_run_writes_generated_part_then_includes(tmp_path, monkeypatch):
+    import json
+
+    incs = _sources(tmp_path / "repo")
+    monkeypatch.setattr(bm, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(bm, "INCLUDES", incs)
+    results, meta = _fake_results()
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps({"meta": meta, "results": results}))
+    out = tmp_path / "B.md"
+    plot = tmp_path / "p.png"
+    argv = ["--render-only", "--json", str(src), "--out", str(out), "--plot", str(plot)]
+    assert bm.main(argv) == 0
+    generated, part = bm.split_report(out.read_text())
+    assert generated.startswith("# Benchmarks\n")
+    assert "onnxslim cannot handle this model" in generated
+    assert bm.PART_BEGIN not in generated
+    assert part is not None and part.startswith(bm.PART_BEGIN) and "| 100k | 70 s |" in part
+    assert bm.refresh_includes(out, tmp_path / "repo", incs) is False  # already current
+
+
+def test_the_repository_include_list():
+    assert [i.path for i in bm.INCLUDES] == [
+        "plugins/runtime/MEASURED.md",
+        "plugins/substitution/MEASURED.md",
+        "plugins/pruning/MEASURED.md",
+        "plugins/quantization/MEASURED.md",
+        "docs/scale.md",
+    ]
+    for inc in bm.INCLUDES:
+        assert (ROOT / inc.path).is_file(), inc.path
+    generated, _ = bm.split_report((ROOT / "BENCHMARKS.md").read_text())  # markers intact
+    assert generated.startswith("# Benchmarks\n")
+    assert bm.github_anchor("Operator substitution (issue #5)") == "operator-substitution-issue-5"

@@ -26,10 +26,21 @@ Fidelity is measured on the whole evaluation set against the baseline's outputs:
 cosine of the main output and a task metric per model. Models are built in child
 processes (bounded by ``--build-timeout``), temp files live under the cache work dir.
 
+The report is this run's generated part followed by sections copied from a fixed list of
+files (``INCLUDES``: ``plugins/runtime/MEASURED.md``, ``plugins/substitution/MEASURED.md``,
+``plugins/pruning/MEASURED.md``, ``plugins/quantization/MEASURED.md``, ``docs/scale.md``),
+the figures other issues ask BENCHMARKS.md to show, measured by their own scripts and kept,
+with the commands that reproduce them, in those files. Each is copied between
+``<!-- included from PATH -->`` and ``<!-- end of include -->`` (headings moved down two
+levels, relative links re-based, text otherwise verbatim), after a table of contents naming
+the issue each answers. ``--refresh-includes`` rewrites only that part of an existing
+report, measuring nothing; the generated part stays byte-identical.
+
 Usage::
 
     python tools/benchmark.py [--models a,b] [--rounds N] [--quick] [--skip-large]
                               [--out BENCHMARKS.md] [--plot docs/benchmarks.png] [--append]
+    python tools/benchmark.py --refresh-includes [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -1526,6 +1537,308 @@ def write_plot(results: Sequence[Mapping[str, Any]], path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Included sections: figures measured elsewhere, carried after the generated report
+# ---------------------------------------------------------------------------------------
+# Some issues ask for their own table in BENCHMARKS.md, but those figures are measured by
+# each plugin's (or the scale work's) own scripts, not by the round-robin run above, and
+# they live in the file next to the code they measure, with the commands that reproduce
+# them. BENCHMARKS.md copies those files instead of restating them: its generated part is
+# followed by one section per file of INCLUDES, between markers, and
+# ``--refresh-includes`` rewrites only that part (nothing is measured, the generated part
+# stays byte for byte). Ours: a few lines of text handling, nothing a library does better.
+
+
+@dataclass(frozen=True)
+class Include:
+    """A file whose text BENCHMARKS.md carries, under its own heading."""
+
+    path: str  # relative to the repository root, POSIX separators
+    title: str  # the section heading in BENCHMARKS.md
+    issue: int  # the issue whose BENCHMARKS.md table the section is
+    answers: str  # what of that issue it answers (the table of contents says it)
+
+
+# The fixed list, in the order BENCHMARKS.md shows it. Each file stays the one source of
+# truth for its figures and holds the commands that reproduce them.
+INCLUDES: tuple[Include, ...] = (
+    Include(
+        "plugins/runtime/MEASURED.md",
+        "ort-offline (issue #4)",
+        4,
+        "the opt-in `ort-offline` pass: speed under ORT_DISABLE_ALL (>= 1.2x on the CNNs "
+        "with BatchNorms after a Conv) and session creation",
+    ),
+    Include(
+        "plugins/substitution/MEASURED.md",
+        "Operator substitution (issue #5)",
+        5,
+        "per model: rules fired, latency ratio vs -O1 without substitution, error "
+        "introduced by the LOSSY rules",
+    ),
+    Include(
+        "plugins/pruning/MEASURED.md",
+        "Pruning (issue #6)",
+        6,
+        "a speed/fidelity curve per corpus model at several budgets; FLOPs removed vs "
+        "latency gained; prune then int8 in one -O3 run",
+    ),
+    Include(
+        "plugins/quantization/MEASURED.md",
+        "int8 (issue #7)",
+        7,
+        "per model, int8 vs the best onnxruntime quantizer configuration that meets the "
+        "same budget",
+    ),
+    Include(
+        "docs/scale.md",
+        "Scale (issue #8)",
+        8,
+        "the 100k-node chain and the over-2 GB model: time, peak memory, each pass's share",
+    ),
+)
+
+PART_BEGIN = (
+    "<!-- begin of included sections: `python tools/benchmark.py --refresh-includes` "
+    "rewrites everything from here to the end from the files named below; edit those "
+    "files, not this part -->"
+)
+PART_END = "<!-- end of included sections -->"
+INCLUDE_BEGIN = "<!-- included from {path} -->"
+INCLUDE_END = "<!-- end of include -->"
+HEADING_SHIFT = 2  # an included file's "# Title" becomes "### Title" under its section
+_INCLUDE_BEGIN_RE = re.compile(r"<!-- included from (.*) -->")
+_MARKER_RE = re.compile(
+    r"^\s*<!-- (begin of included sections|end of included sections|included from|end of include)\b"
+)
+_FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_HEADING_RE = re.compile(r"^(#{1,6})(?=[ \t]|$)")
+_INLINE_LINK_RE = re.compile(r"(\]\()(<[^>\n]*>|[^)\s]+)")
+_REF_LINK_RE = re.compile(r"^( {0,3}\[[^\]\n]+\]:[ \t]*)(\S+)")
+
+
+class IncludeError(ValueError):
+    """BENCHMARKS.md's included part cannot be written: a source file is missing or the
+    markers of the existing file are broken. Nothing is written."""
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces -> '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _rebase_link(target: str, source_dir: str, out_dir: Path, root: Path) -> str:
+    bracketed = target.startswith("<") and target.endswith(">")
+    bare = target[1:-1] if bracketed else target
+    if not bare or bare.startswith(("#", "/")) or re.match(r"^[a-zA-Z][\w+.-]*:", bare):
+        return target  # an anchor, an absolute path or a URL (http:, mailto:, ...)
+    path, sep, frag = bare.partition("#")
+    new = Path(os.path.relpath(root / source_dir / path, out_dir)).as_posix()
+    new += sep + frag
+    return f"<{new}>" if bracketed else new
+
+
+def adapt_included(text: str, source: str, out_dir: Path, root: Path = ROOT) -> str:
+    """An included file's text as BENCHMARKS.md carries it: verbatim, except that headings
+    move down HEADING_SHIFT levels (so they nest under the section's heading) and relative
+    links are re-based from the file's folder to ``out_dir``; fenced code is left alone."""
+    source_dir = str(Path(source).parent)
+    lines, fence = [], ""
+    for line in text.splitlines(keepends=True):
+        m = _FENCE_RE.match(line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):
+                fence = ""
+            lines.append(line)
+            continue
+        if m:
+            fence = m.group(1)
+            lines.append(line)
+            continue
+        h = _HEADING_RE.match(line)
+        if h:
+            level = min(6, len(h.group(1)) + HEADING_SHIFT)
+            line = "#" * level + line[len(h.group(1)) :]
+
+        def rebase(mm: re.Match[str]) -> str:
+            return mm.group(1) + _rebase_link(mm.group(2), source_dir, out_dir, root)
+
+        line = _INLINE_LINK_RE.sub(rebase, line)
+        line = _REF_LINK_RE.sub(rebase, line)
+        lines.append(line)
+    return "".join(lines)
+
+
+def included_part(out: Path, root: Path = ROOT, includes: Sequence[Include] = INCLUDES) -> str:
+    """The text BENCHMARKS.md carries after its generated part (ends with a newline)."""
+    out_dir = out.parent
+    texts = []
+    for inc in includes:
+        src = root / inc.path
+        if not src.is_file():
+            raise IncludeError(
+                f"{inc.path} is listed in tools/benchmark.py INCLUDES but does not exist "
+                f"under {root}; restore it or change INCLUDES. Nothing was written."
+            )
+        text = src.read_text(encoding="utf-8")
+        bad = next((ln for ln in text.splitlines() if _MARKER_RE.search(ln)), None)
+        if bad is not None:
+            raise IncludeError(
+                f"{inc.path} contains a BENCHMARKS.md include marker ({bad.strip()!r}), "
+                "which would break the next --refresh-includes; remove it. Nothing was written."
+            )
+        texts.append(text)
+
+    def link(path: str) -> str:
+        return Path(os.path.relpath(root / path, out_dir)).as_posix()
+
+    parts = [
+        PART_BEGIN,
+        "",
+        "## Measured outside this run (included)",
+        "",
+        "The sections below are not measured by `tools/benchmark.py`: each is copied from "
+        "the file that holds its figures and the commands that reproduce them (headings "
+        "moved down two levels, relative links re-based, nothing else changed). After "
+        "editing one of those files, `python tools/benchmark.py --refresh-includes` copies "
+        "them again without measuring anything; the generated part above stays byte for "
+        "byte.",
+        "",
+        "| section | issue | answers | source (with its reproduce commands) |",
+        "|---|---:|---|---|",
+        "| [the generated part above](#summary) | #3 | every corpus model at each level vs "
+        "onnxsim, onnxslim and onnxruntime's quantizers, side by side | `tools/benchmark.py` "
+        "(its command at the top) |",
+    ]
+    for inc in includes:
+        parts.append(
+            f"| [{inc.title}](#{github_anchor(inc.title)}) | #{inc.issue} | {inc.answers} "
+            f"| [`{inc.path}`]({link(inc.path)}) |"
+        )
+    parts.append("")
+    for inc, text in zip(includes, texts, strict=True):
+        body = adapt_included(text, inc.path, out_dir, root).rstrip("\n")
+        parts += [
+            INCLUDE_BEGIN.format(path=inc.path),
+            f"## {inc.title}",
+            "",
+            f"Included from [`{inc.path}`]({link(inc.path)}) (issue #{inc.issue}); the "
+            "commands that reproduce these figures are in that file. Edit it there, then "
+            "run `python tools/benchmark.py --refresh-includes`.",
+            "",
+            body,
+            "",
+            INCLUDE_END,
+            "",
+        ]
+    parts.append(PART_END)
+    return "\n".join(parts) + "\n"
+
+
+def split_report(text: str) -> tuple[str, str | None]:
+    """(generated part, included part or None) of an existing BENCHMARKS.md; raises
+    IncludeError when its markers are broken. The generated part is everything before the
+    line PART_BEGIN, byte for byte; a file without any marker is all generated part."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == PART_BEGIN]
+    marked = [i for i, ln in enumerate(lines) if _MARKER_RE.search(ln)]
+    if not starts:
+        if marked:
+            raise IncludeError(
+                f"line {marked[0] + 1}: an include marker without the line that starts "
+                f"the included part ({PART_BEGIN[:40]}...); fix or delete the markers."
+            )
+        return text, None
+    if len(starts) > 1:
+        raise IncludeError(
+            f"the line that starts the included part appears {len(starts)} times "
+            f"(lines {', '.join(str(i + 1) for i in starts)}); keep one."
+        )
+    start = starts[0]
+    if any(i < start for i in marked):
+        first = min(marked)
+        raise IncludeError(
+            f"line {first + 1}: an include marker inside the generated part (before "
+            f"line {start + 1}, where the included part starts)."
+        )
+    open_at: int | None = None
+    end_at: int | None = None
+    for i in marked[1:]:
+        ln = lines[i].strip()
+        if end_at is not None:
+            raise IncludeError(f"line {i + 1}: a marker after `{PART_END}` (line {end_at + 1}).")
+        if _INCLUDE_BEGIN_RE.fullmatch(ln):
+            if open_at is not None:
+                raise IncludeError(
+                    f"line {i + 1}: an include starts before the one of line {open_at + 1} "
+                    f"ends (`{INCLUDE_END}` missing)."
+                )
+            open_at = i
+        elif ln == INCLUDE_END:
+            if open_at is None:
+                raise IncludeError(f"line {i + 1}: `{INCLUDE_END}` without its start.")
+            open_at = None
+        elif ln == PART_END:
+            if open_at is not None:
+                raise IncludeError(
+                    f"line {i + 1}: the included part ends inside the include of line "
+                    f"{open_at + 1} (`{INCLUDE_END}` missing)."
+                )
+            end_at = i
+        else:
+            raise IncludeError(f"line {i + 1}: a malformed include marker: {ln!r}.")
+    if end_at is None:
+        raise IncludeError(
+            f"`{PART_END}` is missing: the included part that starts at line {start + 1} "
+            "has no end (the file may be truncated)."
+        )
+    if "".join(lines[end_at + 1 :]).strip():
+        raise IncludeError(f"text after `{PART_END}` (line {end_at + 1}); it would be lost.")
+    return "".join(lines[:start]), "".join(lines[start:])
+
+
+def compose_report(
+    generated: str, out: Path, root: Path = ROOT, includes: Sequence[Include] = INCLUDES
+) -> str:
+    """The whole BENCHMARKS.md: the generated part, then the included part."""
+    if generated and not generated.endswith("\n"):
+        generated += "\n"
+    return generated + included_part(out, root, includes)
+
+
+def write_report(out: Path, generated: str) -> None:
+    """Write BENCHMARKS.md after a measuring run: the generated part and the included
+    part. A missing source file does not cost the measurements: the generated part is
+    written alone, with a warning (``--refresh-includes`` adds the rest later)."""
+    try:
+        text = compose_report(generated, out, ROOT, INCLUDES)
+    except IncludeError as e:
+        log(f"included sections not written: {e}")
+        text = generated
+    out.write_text(text)
+
+
+def refresh_includes(out: Path, root: Path = ROOT, includes: Sequence[Include] = INCLUDES) -> bool:
+    """Rewrite only the included part of an existing report ``out``; True if it changed.
+    The generated part is kept byte for byte and nothing is measured. Raises IncludeError
+    (nothing written) for a missing report or source file and for broken markers."""
+    if not out.is_file():
+        raise IncludeError(
+            f"{out} does not exist: run tools/benchmark.py (or --render-only) first; "
+            "--refresh-includes only rewrites the included part of an existing report."
+        )
+    old = out.read_text(encoding="utf-8")
+    generated, _ = split_report(old)
+    new = compose_report(generated, out, root, includes)
+    if new == old:
+        return False
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, out)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------
 
@@ -1631,6 +1944,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="merge with the results already in --json and rewrite the report; with "
         "--configs, these configurations replace or join those of the same models",
+    )
+    p.add_argument(
+        "--refresh-includes",
+        action="store_true",
+        help="rewrite only the included sections of an existing --out (the files of "
+        "INCLUDES) without measuring anything; the generated part stays byte-identical",
     )
     return p.parse_args(argv)
 
@@ -1742,7 +2061,7 @@ def render_only(args: argparse.Namespace, json_path: Path) -> int:
     except Exception as e:
         log(f"plot not written: {one_line(e)}")
         meta.pop("plot", None)
-    args.out.write_text(markdown(results, meta) + "\n")
+    write_report(args.out, markdown(results, meta) + "\n")
     log(f"rendered {args.out} and {args.plot} from {json_path}")
     return 0
 
@@ -1750,6 +2069,24 @@ def render_only(args: argparse.Namespace, json_path: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.refresh_includes:
+        if args.render_only or args.append:
+            print(
+                "error: --refresh-includes measures and renders nothing; it takes only --out",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            changed = refresh_includes(args.out, ROOT, INCLUDES)
+        except IncludeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        log(
+            f"{args.out}: included sections "
+            + ("rewritten" if changed else "already up to date")
+            + f" from {', '.join(i.path for i in INCLUDES)}; generated part unchanged"
+        )
+        return 0
     if args.render_only:
         cache = args.cache if args.cache is not None else fetch_models.default_cache()
         work = args.work if args.work is not None else default_work(Path(cache))
@@ -1831,7 +2168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:
             log(f"plot not written: {one_line(e)}")
             meta.pop("plot", None)
-        args.out.write_text(markdown(ordered, meta) + "\n")
+        write_report(args.out, markdown(ordered, meta) + "\n")
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"meta": meta, "results": ordered}, indent=1, default=str))
 
