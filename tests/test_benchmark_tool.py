@@ -642,3 +642,32 @@ def test_the_repository_include_list():
     generated, _ = bm.split_report((ROOT / "BENCHMARKS.md").read_text())  # markers intact
     assert generated.startswith("# Benchmarks\n")
     assert bm.github_anchor("Operator substitution (issue #5)") == "operator-substitution-issue-5"
+
+
+def test_measuring_run_keeps_its_figures_when_a_source_is_missing(tmp_path, monkeypatch):
+    import json
+
+    incs = _sources(tmp_path / "repo")
+    (tmp_path / "repo" / "docs" / "scale.md").unlink()
+    monkeypatch.setattr(bm, "ROOT", tmp_path / "repo")
+    monkeypatch.setattr(bm, "INCLUDES", incs)
+    results, meta = _fake_results()
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps({"meta": meta, "results": results}))
+    out, plot = tmp_path / "B.md", tmp_path / "p.png"
+    argv = ["--render-only", "--json", str(src), "--out", str(out), "--plot", str(plot)]
+    assert bm.main(argv) == 0
+    generated, part = bm.split_report(out.read_text())
+    assert part is None and "onnxslim cannot handle this model" in generated
+
+
+def test_refresh_finds_a_start_line_of_another_wording(tmp_path):
+    repo = tmp_path / "repo"
+    incs = _sources(repo)
+    out = _report(tmp_path)
+    bm.refresh_includes(out, repo, incs)
+    older = out.read_text().replace(bm.PART_BEGIN, "<!-- begin of included sections (v0) -->")
+    out.write_text(older)
+    assert bm.refresh_includes(out, repo, incs) is True
+    text = out.read_text()
+    assert bm.split_report(text)[0] == GENERATED and text.count("begin of included") == 1

@@ -1607,6 +1607,9 @@ INCLUDE_BEGIN = "<!-- included from {path} -->"
 INCLUDE_END = "<!-- end of include -->"
 HEADING_SHIFT = 2  # an included file's "# Title" becomes "### Title" under its section
 _INCLUDE_BEGIN_RE = re.compile(r"<!-- included from (.*) -->")
+# the start line is found by its prefix, so a report written with another wording of it
+# (an older tool) is still refreshed
+_PART_BEGIN_RE = re.compile(r"<!-- begin of included sections\b.*-->")
 _MARKER_RE = re.compile(
     r"^\s*<!-- (begin of included sections|end of included sections|included from|end of include)\b"
 )
@@ -1740,7 +1743,7 @@ def split_report(text: str) -> tuple[str, str | None]:
     IncludeError when its markers are broken. The generated part is everything before the
     line PART_BEGIN, byte for byte; a file without any marker is all generated part."""
     lines = text.splitlines(keepends=True)
-    starts = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == PART_BEGIN]
+    starts = [i for i, ln in enumerate(lines) if _PART_BEGIN_RE.fullmatch(ln.strip())]
     marked = [i for i, ln in enumerate(lines) if _MARKER_RE.search(ln)]
     if not starts:
         if marked:
