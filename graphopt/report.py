@@ -89,6 +89,8 @@ class Report:
         header = ("pass", "status", "nodes", "weights", "time", "max abs err", "note")
         rows = []
         for p in self.passes:
+            if p.round > 1 and p.status == "no-op":
+                continue  # summed up per round below the table
             worst = _worst_abs(p.metrics)
             rows.append(
                 (
@@ -113,6 +115,19 @@ class Report:
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        for n in sorted({p.round for p in self.passes} - {1}):
+            again = [p for p in self.passes if p.round == n]
+            quiet = sum(p.status == "no-op" for p in again)
+            seconds = sum(p.seconds for p in again)
+            lines.append(
+                f"round {n}: {len(again)} passes run again ({seconds:.2f}s), "
+                f"{quiet} found nothing to do"
+                + (
+                    ""
+                    if n < max(p.round for p in self.passes) or quiet < len(again)
+                    else " (the model is at a fixpoint)"
+                )
+            )
         m = self.model
         if m:
             lines.append(

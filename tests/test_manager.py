@@ -230,6 +230,12 @@ def test_a_preset_runs_again_until_a_round_changes_nothing(applies, rounds):
         ("t.touch", k) for k in range(1, rounds + 1)
     ]
     assert calls["n"] == rounds
+    table = r.report.table()
+    if rounds == 2:  # a quiet later round is one summary line, not a row per pass
+        assert "t.touch (round 2)" not in table
+        assert "round 2: 1 passes run again" in table and "fixpoint" in table
+    if rounds == 3:
+        assert "t.touch (round 3)" in table
 
 
 def test_a_faithful_no_op_is_not_rerun_on_the_same_model():
