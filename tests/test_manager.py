@@ -234,7 +234,7 @@ def test_a_preset_runs_again_until_a_round_changes_nothing(applies, rounds):
     if rounds == 2:  # a quiet later round is one summary line, not a row per pass
         assert "t.touch (round 2)" not in table
         assert "round 2: 1 passes run again" in table and "fixpoint" in table
-    if rounds == 3:
+    if applies >= 3:  # an applied pass of a later round keeps its row
         assert "t.touch (round 3)" in table
 
 
