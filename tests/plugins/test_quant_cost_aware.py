@@ -91,3 +91,25 @@ def test_split_must_hold_on_the_confirmation_feeds_too():
     )  # fmt: skip
     assert cand.model == (frozenset({"a", "e"}), True), res
     assert cand.notes["confirmed"]["ok"] is True
+
+
+def test_non_compute_nodes_follow_the_compute_nodes_that_feed_them():
+    """conv1 -> relu -> conv2 -> add(conv2, relu) -> relu -> pool -> gemm: the Add and the
+    pool are fed by both convs (through Relu/Add, which do no work) and not by the Gemm."""
+    from graphopt_plugins.quantization.passes import attached_nodes
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c2", "r1"], ["s"], name="skip"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Gemm", ["p", "Wf"], ["y"], name="fc"),
+        helper.make_node("Softmax", ["y"], ["z"], name="soft"),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    op_of = {n: "x" for n in ("conv1", "conv2", "skip", "pool", "fc", "soft")}
+    got = attached_nodes(model, op_of, {"conv1": 10, "conv2": 10, "fc": 1})
+    assert got == {"conv1": {"skip", "pool"}, "conv2": {"skip", "pool"}, "fc": {"soft"}}
