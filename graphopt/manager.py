@@ -164,6 +164,7 @@ class PassManager:
         previous: list[Feed] | None = None
         if self.validator is not None:
             previous = self.validator.reference
+        plain = previous  # outputs of the current model run as written, when known
         records: list[PassRecord] = []
         spare: tuple[ir.Model, set[ir.Node]] | None = None
         stopped_by: str | None = None
@@ -246,8 +247,13 @@ class PassManager:
                     rec.status = "no-op"
                     self._report(index, len(schedule), rec)
                     continue
+                exact = p.tolerance is Tolerance.EXACT
+                if exact and after_lossy and numeric and plain is None:
+                    # the model before the pass, run as written (once per commit)
+                    assert self.validator is not None
+                    plain = self.validator.measure(current).outputs
                 check = self._check(
-                    candidate, signature, p.tolerance, previous, numeric, after_lossy
+                    candidate, signature, p.tolerance, previous, numeric, after_lossy, plain
                 )
                 if check.metrics:
                     rec.metrics = {k: m.as_dict() for k, m in check.metrics.items()}
@@ -267,8 +273,12 @@ class PassManager:
                     node.metadata_props[TAG] = p.name
                 current = candidate
                 commits += 1
-                if check.outputs is not None:
+                if check.outputs is not None and exact and after_lossy:
+                    plain = check.outputs  # deployed outputs are unchanged by definition
+                elif check.outputs is not None:
                     previous = check.outputs
+                    # run as written only before a LOSSY pass (checks after it run deployed)
+                    plain = None if after_lossy or p.tolerance is Tolerance.LOSSY else previous
                 nodes, nbytes = gir.count_nodes(current), gir.weight_bytes(current)
                 rec.status = "applied"
                 changed = True
@@ -287,6 +297,7 @@ class PassManager:
         previous: list[Feed] | None,
         numeric: bool,
         after_lossy: bool,
+        plain: list[Feed] | None = None,
     ) -> Check:
         reason, proto = structural(candidate, signature)
         if reason is not None or proto is None:
@@ -296,7 +307,11 @@ class PassManager:
         # a large model goes to onnxruntime as files with external data, not as one proto
         large = gir.weight_bytes(candidate) > gir.EXTERNAL_DATA_THRESHOLD
         return self.validator.check(
-            candidate if large else proto, tolerance, previous, after_lossy=after_lossy
+            candidate if large else proto,
+            tolerance,
+            previous,
+            after_lossy=after_lossy,
+            previous_plain=plain,
         )
 
     def _report(self, index: int, total: int, rec: PassRecord) -> None:

@@ -5,7 +5,9 @@ model is checked structurally (the ONNX checker, which also rejects nodes out of
 topological order and inputs that no node produces; graph inputs and outputs unchanged)
 and then numerically, by the pass's tolerance class:
 
-* EXACT: every output identical to the model before the pass.
+* EXACT: every output identical to the model before the pass, both run as written (its
+  optimizations off, even after a LOSSY pass: onnxruntime's optimized int8 kernels may
+  differ in the last bits between two sessions of the same graph).
 * APPROXIMATE: every float output within ``|out - ref| <= atol * scale + rtol * |ref|`` of
   the *original* model (``scale`` = the output's largest magnitude, so error cannot creep
   in pass by pass); integer and bool outputs identical.
@@ -547,21 +549,30 @@ class Validator:
         previous: Sequence[Feed] | None = None,
         *,
         after_lossy: bool = False,
+        previous_plain: Sequence[Feed] | None = None,
     ) -> Check:
         """Numeric check of a candidate by tolerance class (see the module doc).
 
-        ``after_lossy``: a LOSSY pass is already committed. Then every check runs as
-        deployed (like the LOSSY check whose outputs are ``previous``), an APPROXIMATE pass
-        is held to its tolerance against ``previous`` (the original is already further
-        away than that), and the budget against the original still applies.
+        ``after_lossy``: a LOSSY pass is already committed. Then APPROXIMATE and LOSSY
+        checks run as deployed (like the LOSSY check whose outputs are ``previous``), an
+        APPROXIMATE pass is held to its tolerance against ``previous`` (the original is
+        already further away than that), and the budget against the original still
+        applies. An EXACT check always runs as written and compares with
+        ``previous_plain``, the model before the pass run as written (``previous`` itself
+        before any LOSSY pass).
         """
-        deployed = after_lossy or tolerance is Tolerance.LOSSY
+        exact = tolerance is Tolerance.EXACT
+        deployed = not exact and (after_lossy or tolerance is Tolerance.LOSSY)
         result = self.measure(model, deployed=deployed)
         if not result.ok or result.outputs is None:
             return result
         outs = result.outputs
-        if tolerance is Tolerance.EXACT:
-            base = previous if previous is not None else self.reference
+        if exact:
+            base = previous_plain if after_lossy else previous
+            if base is None:
+                if after_lossy:
+                    return Check(False, "no plain-run outputs of the model before the pass")
+                base = self.reference
             for name in base[0] if base else ():
                 for i, (b, o) in enumerate(zip(base, outs)):
                     if name not in o or not _same_value(b[name], o[name]):
