@@ -326,8 +326,8 @@ def _required_ops(rule: RewriteRule) -> frozenset[str]:
 
 
 def _chain(visitors: Iterable[Callable[[], None] | None]) -> Callable[[], None] | None:
-    """One visitor calling each distinct one (a class-based rule's commuted variants share
-    its setup/cleanup: called once, as onnxscript would per rule object)."""
+    """One visitor calling each distinct one: the commuted variants of a class-based rule
+    share its setup/cleanup, which reset per-graph state, so once per graph is enough."""
     distinct: list[Callable[[], None]] = []
     for v in visitors:
         if v is not None and v not in distinct:
@@ -436,8 +436,6 @@ def op_types(model: ir.Model) -> set[str]:
     for f in model.functions.values():
         found.update(n.op_type for g in gir.iter_graphs(f.graph) for n in g)
     return found
-
-
 
 
 # --------------------------------------------------------------------------- near-miss tracer
