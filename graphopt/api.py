@@ -261,8 +261,8 @@ def optimize(
         ) from e
 
     cache, why = usable_cache_dir(cache_dir)
-    if why:
-        warnings.append(why)
+    if why and any(p.requires.calibration for p in passes):
+        warnings.append(why)  # only where a pass would have used it (calibration caches)
     ctx = PassContext(
         target=target,
         seed=seed,

@@ -117,8 +117,15 @@ def test_no_cache_dir_writes_nothing(tmp_path, monkeypatch):
 def test_unwritable_cache_dir_warns_and_runs(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = graphopt.optimize(_conv_model(), level=1, cache_dir=blocker / "sub")
+    opts = "int8{mode=static,activations=u8,min_speedup=0,bench_seconds=0.05,rounding=nearest}"
+    r = graphopt.optimize(_conv_model(), pipeline=opts, budget="cosine>=0.9",
+                          calibration=_feeds(12, seed=1), cache_dir=blocker / "sub")  # fmt: skip
     assert any("caching disabled" in w for w in r.report.warnings)
+    assert r.report.passes[0].stats["calibration"]["cache"] == "written"
+    assert r.report.final["status"] == "ok"
+    # a run with no pass that caches anything says nothing about the cache
+    r = graphopt.optimize(_conv_model(), level=1, cache_dir=blocker / "sub")
+    assert not any("cach" in w for w in r.report.warnings)
     assert r.report.final["status"] == "ok"
 
 
