@@ -441,7 +441,9 @@ def cost_aware_precision(
        another compute node in between), everything else float, relative output noise
        power ``10**(-SQNR/10)`` on ``probe_feeds`` check feeds (one probe per node).
     2. Nodes ordered by noise per multiply-accumulate, cheapest first (a greedy knapsack:
-       the most work made int8 for the least error).
+       the most work made int8 for the least error); and, as a second order, from the
+       output back (one contiguous int8 region: a node whose neighbours stay float has no
+       integer kernel to join and would fall back to float).
     3. Binary search of the longest prefix of that order whose model (the rest float, and
        the non-compute nodes that onnxruntime would then leave as float islands between
        Q/DQ) meets the budget on all check feeds; then the real model is rebuilt with that
@@ -472,12 +474,21 @@ def cost_aware_precision(
         s = scorer.score(probe(float_set([n])), limit=probe_feeds)
         q = s.get("quality", float("-inf"))
         noise[n] = 10.0 ** (-q / 10.0) if np.isfinite(q) else (0.0 if q > 0 else float("inf"))
-    order = sorted(compute, key=lambda n: noise[n] / macs[n])
+    # two orders: error per work (cheapest first), and output-first (the graph's compute
+    # nodes from the last one back: one contiguous int8 region, so no int8 node is left
+    # between float neighbours without an integer kernel to join, and the later layers,
+    # whose errors pass through fewer layers, go first); the one that keeps more work int8
+    # within budget wins
+    orders = {
+        "error-per-work": sorted(compute, key=lambda n: noise[n] / macs[n]),
+        "output-first": compute[::-1],
+    }
+    order: list[str] = orders["error-per-work"]
 
     def split(k: int) -> tuple[set[str], onnx.ModelProto]:
         floats = float_set(order[:k])
         m = probe(floats)
-        for _ in range(2):  # leaving one node float can expose another island
+        for _ in range(4):  # leaving one node float can expose another island
             extra = [n for n in islands(m, floats) if n not in floats]
             if not extra:
                 break
@@ -485,16 +496,31 @@ def cost_aware_precision(
             m = probe(floats)
         return floats, m
 
-    lo, hi = 0, len(order)  # prefix lo is known to hold (nothing int8 trivially does)
+    def int8_work(floats: set[str]) -> int:
+        return sum(macs[n] for n in compute if n not in floats)
+
     best: tuple[int, set[str], dict[str, Any]] | None = None
-    while lo < hi and not deadline.passed():
-        mid = (lo + hi + 1) // 2
-        floats, m = split(mid)
-        s = scorer.score(m)
-        if s["ok"]:
-            lo, best = mid, (mid, floats, s)
-        else:
-            hi = mid - 1
+    searched: dict[str, Any] = {}
+    chosen_order = ""
+    for name, candidate_order in orders.items():
+        order = candidate_order
+        lo, hi = 0, len(order)  # prefix lo is known to hold (nothing int8 trivially does)
+        found: tuple[int, set[str], dict[str, Any]] | None = None
+        while lo < hi and not deadline.passed():
+            mid = (lo + hi + 1) // 2
+            floats, m = split(mid)
+            s = scorer.score(m)
+            if s["ok"]:
+                lo, found = mid, (mid, floats, s)
+            else:
+                hi = mid - 1
+        searched[name] = round(int8_work(found[1]) / total, 3) if found else None
+        if found and (best is None or int8_work(found[1]) > int8_work(best[1])):
+            best, chosen_order = found, name
+    result["orders_int8_work_share"] = searched
+    if best is not None:
+        result["order"] = chosen_order
+        order = orders[chosen_order]
     result["isolated_noise"] = [
         {"node": n, "op": op_of[n], "noise": float(f"{noise[n]:.3g}"),
          "work_share": round(macs[n] / total, 4)}
@@ -522,10 +548,8 @@ def cost_aware_precision(
         if s["ok"]:
             cand.model, cand.score, cand.exclude = final, s, floats
             # what really runs int8: nodes left as float islands are not counted
-            result["int8_work_share"] = round(
-                sum(macs[n] for n in order[:k] if n not in floats) / total, 3
-            )
-            result["kept_float"] = sorted(set(order[k:]))
+            result["int8_work_share"] = round(int8_work(floats) / total, 3)
+            result["kept_float"] = sorted(n for n in compute if n in floats)
             result["float_nodes"] = len(floats)
             return result
         k = int(k * 0.9)

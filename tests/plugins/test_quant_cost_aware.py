@@ -113,3 +113,28 @@ def test_non_compute_nodes_follow_the_compute_nodes_that_feed_them():
     op_of = {n: "x" for n in ("conv1", "conv2", "skip", "pool", "fc", "soft")}
     got = attached_nodes(model, op_of, {"conv1": 10, "conv2": 10, "fc": 1})
     assert got == {"conv1": {"skip", "pool"}, "conv2": {"skip", "pool"}, "fc": {"soft"}}
+
+
+def test_output_first_order_wins_when_scattered_int8_nodes_fall_back_to_float():
+    """Chain a -> b -> c -> d -> e where an int8 node needs an int8 successor (else it is a
+    float island, as onnxruntime leaves a QDQ Conv whose output is not quantized). The
+    error-per-work prefix {a, e, b, c} collapses to {e} (100 MACs); output-first keeps
+    {e, d, c} (160 MACs, noise 0.025) and wins."""
+    chain = ["a", "b", "c", "d", "e"]
+
+    def islands(m: Any, floats: set[str]) -> list[str]:
+        int8 = m[0]
+        return [n for i, n in enumerate(chain[:-1]) if n in int8 and chain[i + 1] not in int8]
+
+    cand = Candidate("static-u8", ("start", False))  # type: ignore[arg-type]
+    res = cost_aware_precision(
+        cand, probe=lambda f: (ALL - f, False), rebuild=lambda f: (ALL - f, True),
+        scorer=_Scorer(0.025), op_of=dict.fromkeys(chain, "Conv"),  # type: ignore[arg-type]
+        macs={n: w for n, (w, _) in NODES.items()}, islands=islands,
+        deadline=Deadline(60),
+    )  # fmt: skip
+    assert res["order"] == "output-first", res
+    assert res["orders_int8_work_share"]["error-per-work"] == round(100 / 360, 3)
+    assert cand.model == (frozenset({"c", "d", "e"}), True)
+    assert res["int8_work_share"] == round(160 / 360, 3)
+    assert set(res["kept_float"]) == {"a", "b"}
