@@ -178,7 +178,9 @@ def _brief(stats: dict[str, Any]) -> dict[str, Any]:
     for kind, mp in (stats.get("mixed_precision") or {}).items():
         if mp.get("strategy") == "cost-aware":  # graphopt's cost-aware split was kept
             out[f"kept_float_{kind}"] = {
-                k: mp.get(k) for k in ("int8_work_share", "float_nodes", "kept_float")
+                k: mp.get(k)
+                for k in ("order", "orders_int8_work_share", "int8_work_share", "float_nodes",
+                          "kept_float")  # fmt: skip
             }
             continue
         out[f"kept_float_{kind}"] = [
