@@ -179,8 +179,13 @@ def _brief(stats: dict[str, Any]) -> dict[str, Any]:
         if mp.get("strategy") == "cost-aware":  # graphopt's cost-aware split was kept
             out[f"kept_float_{kind}"] = {
                 k: mp.get(k)
-                for k in ("order", "orders_int8_work_share", "int8_work_share", "float_nodes",
-                          "kept_float")  # fmt: skip
+                for k in (
+                    "order",
+                    "orders_int8_work_share",
+                    "int8_work_share",
+                    "float_nodes",
+                    "kept_float",
+                )
             }
             continue
         out[f"kept_float_{kind}"] = [
