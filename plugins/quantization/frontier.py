@@ -18,7 +18,8 @@ activation ranges, as the ``int8`` pass does); the evaluation split is not read.
    with a float output), all int8;
 3. the isolated error of each compute node (only it int8, everything else float) and the
    cost-aware order of the pass (noise per multiply-accumulate, cheapest first);
-4. for each share of the work made int8 along that order: fidelity on the check feeds
+4. for each share of the work made int8 along that order (or ``--order output-first``: the
+   compute nodes from the last one back, the pass's second order): fidelity on the check feeds
    (cosine, SQNR, top-1; decoded text on all 32 calibration lines for ppocr_rec) and the
    speed ratio float / split (onnxruntime ORT_ENABLE_ALL, 1 thread, A/B alternated).
 
@@ -52,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model")
     ap.add_argument("--shares", default="0.3,0.45,0.6,0.75,0.85,0.93,1")
     ap.add_argument("--bench-seconds", type=float, default=4.0)
+    ap.add_argument(
+        "--order",
+        default="error-per-work",
+        choices=("error-per-work", "output-first"),
+        help="the pass's two orders: noise per MAC, or from the output back",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -141,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         m = qg.restore_float(full, floats_for([n]), fmodel)
         o = np.concatenate([x[oname].ravel() for x in deployed.run(m, check)])
         noise[n] = float(np.sum((o - refs) ** 2) / np.sum(refs**2))
-    order = sorted(compute, key=lambda n: noise[n] / macs[n])
+    order = (sorted(compute, key=lambda n: noise[n] / macs[n])
+             if args.order == "error-per-work" else compute[::-1])  # fmt: skip
+    out["order"] = args.order
     out["isolated_noise"] = {
         "median": float(np.median(list(noise.values()))),
         "sum": float(sum(noise.values())),
