@@ -108,7 +108,7 @@ SAMPLE: list[tuple[str, str]] = [
     ("node", "test_string_concat"),  # was a crash (string outputs), fixed in 9ee4a00
     ("node", "test_attention_3d_expanded"),  # was not idempotent: presets run to a fixpoint
     ("node", "test_causal_conv_with_state_silu_expanded"),  # was Swish at opset 25 (no kernel)
-    ("pytorch-converted", "test_PixelShuffle"),
+    ("pytorch-converted", "test_PixelShuffle"),  # was: IR 3 model, lifted initializers
     ("simple", "test_sequence_model5"),
 ]
 
@@ -120,8 +120,6 @@ KNOWN: dict[str, str] = {
     "test_if_opt": "cse crashes (contained: status failed): onnx_ir's "
     "CommonSubexpressionElimination hashes attribute values and a TYPE_PROTO attribute "
     "(TypeAndShape, Optional's 'type') is unhashable: TypeError",
-    "test_PixelShuffle": "fold-constants adds initializers that are not graph inputs to an IR "
-    "version 3 model; the checker rejects it -> rolled back",
     "test_sequence_model5": "fold-constants (onnxscript folder) emits Unsqueeze with an axes "
     "input in an opset-11 model; the checker rejects it -> rolled back",
 }

@@ -52,6 +52,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedN
 from onnxscript.optimizer import FOLDED_FROM_KEY, fold_constants
 
 import graphopt
+from graphopt import ir as gir
 
 from ._common import check_io_names, graph_likes, io_names
 
@@ -103,6 +104,27 @@ SHAPE_READERS = frozenset({
     "Shape", "Size", "Reshape", "Expand", "Cast", "CastLike", "If", "Loop", "Scan",
     "SequenceConstruct", "ConcatFromSequence", "SplitToSequence", "SequenceAt",
 })
+
+
+def _initializers_to_constants(model: ir.Model) -> None:
+    """Below IR version 4 every initializer must also be a graph input: turn the ones the
+    folder made (not graph inputs) into Constant nodes, which are legal there. Ours."""
+    for graph in gir.iter_graphs(model.graph):
+        inputs = {id(v) for v in graph.inputs}
+        for name, value in list(graph.initializers.items()):
+            if id(value) in inputs or value.const_value is None:
+                continue
+            tensor = value.const_value
+            del graph.initializers[name]
+            node = ir.Node(
+                "", "Constant", [], [ir.AttrTensor("value", tensor)], outputs=[value],
+                name=f"{name}_constant",
+            )  # fmt: skip
+            first = next(iter(graph), None)
+            if first is None:
+                graph.append(node)
+            else:
+                graph.insert_before(first, node)
 
 
 @dataclass
@@ -165,13 +187,17 @@ class FoldConstants(graphopt.Pass):
         infer = self.config["shape_inference"] and not before.op_types.isdisjoint(SHAPE_READERS)
         modified = _fold(model, shape_inference=infer, size_limit=limit)
         check_io_names(before_io, model, "onnxscript's constant folder")
+        if model.ir_version < 4:
+            _initializers_to_constants(model)
         folded = _scan(model)
 
         # Every Constant, whatever its attribute (value, value_ints, ...); a sparse Constant
         # would make the lifting raise, but onnx_ir cannot load one in the first place.
+        # Not below IR version 4, where every initializer must also be a graph input
+        # (lifting would change the model's inputs; the Constant nodes are legal there).
         lift = LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)
         initializers = folded.initializers()
-        if lift(model).modified:
+        if model.ir_version >= 4 and lift(model).modified:
             modified = True
         constants_lifted = folded.initializers() - initializers  # lifting keeps the graphs
 

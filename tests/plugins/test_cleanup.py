@@ -207,6 +207,27 @@ def test_fold_constants_lifts_constant_node_weights():
     assert_numerics_preserved(m, out)
 
 
+def test_fold_constants_keeps_constant_nodes_below_ir_version_4():
+    # IR 3: every initializer must be a graph input, so lifting a Constant would change
+    # the model's inputs (the checker rejects it); folding still works, into a Constant
+    w = numpy_helper.from_array(np.arange(6.0, dtype=np.float32).reshape(2, 3), "w")
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=w, name="w_const"),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(
+            np.array(2.0, np.float32), "two"), name="two_const"),
+        node("Mul", ["w", "two"], ["w2"]),
+        node("Add", ["x", "w2"], ["y"]),
+    ]  # fmt: skip
+    m = model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], opset=9, check=False)
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    out, _result = run_pass(FoldConstants(), m)
+    assert len(out.graph.initializers) == 0
+    assert "Mul" not in op_types(out)
+    onnx.checker.check_model(gir.to_proto(out))
+    assert_numerics_preserved(m, out)
+
+
 def test_fold_constants_folds_static_shape_arithmetic():
     m = model(
         [
