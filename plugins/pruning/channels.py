@@ -750,10 +750,11 @@ class _Search:
 def _refine(search: _Search, active, levels, curves, per_channel, measure, tag: str, cfg) -> None:
     """Measured refinement of the best allocation (ours): the interpolated, additive error
     model that the bisection allocates by is coarse near the budget, so from the best
-    allocation try one coarse step (1/12 of the group's levels) further in single groups,
-    the most promising first by estimated FLOPs per unit of error, and keep a step when
-    the held-out check still meets the goal."""
-    for _ in range(max(0, cfg["refine_steps"])):
+    allocation try one step (1/12 of the group's levels, halved after a round where no step
+    passed) further in single groups, the most promising first by estimated FLOPs per unit
+    of error, and keep a step when the held-out check still meets the goal."""
+    div = 12  # step = 1/div of a group's levels; doubled when no step of a round passes
+    for _ in range(2 * max(0, cfg["refine_steps"])):
         if search.best is None or time.perf_counter() > search.deadline:
             return
         saved0, base, _, _, allow = search.best
@@ -763,7 +764,7 @@ def _refine(search: _Search, active, levels, curves, per_channel, measure, tag: 
             if base[g.id] not in lv:
                 continue
             i = lv.index(base[g.id])
-            j = min(i + max(1, len(lv) // 12), len(lv) - 1)
+            j = min(i + max(1, len(lv) // div), len(lv) - 1)
             if j == i:
                 continue
             d_err = max(curves[g.id](lv[j]) - curves[g.id](lv[i]), 0.0)
@@ -790,7 +791,9 @@ def _refine(search: _Search, active, levels, curves, per_channel, measure, tag: 
                 search.best = (search.saved(kept), kept, m, tag, allow)
                 break
         else:
-            return
+            if all(len(levels[g.id]) // div <= 1 for g in active):
+                return  # the finest steps failed too
+            div *= 2
 
 
 # ---------------------------------------------------------------------------- small helpers
