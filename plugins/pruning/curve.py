@@ -63,14 +63,14 @@ def measure(
         "pipeline": pipeline,
         "prune_status": prune.get("status"),
         "applied": [p["name"] for p in rep["passes"] if p.get("status") == "applied"],
-        "flops_removed_pct": st.get("flops_removed_pct", 0.0)
-        if prune.get("status") == "applied"
-        else 0.0,
+        # for a rolled-back pass: what it proposed (the model keeps none of it)
+        "flops_removed_pct": st.get("flops_removed_pct", 0.0),
         "heldout_calib": st.get("heldout_check"),
         "optimize_s": round(seconds, 1),
         "reason": prune.get("reason") or st.get("reason", ""),
     }
-    final = (rep.get("final") or {}).get("metrics") or {}
+    # the pass's own result on the evaluation set (also when the manager rolled it back)
+    final = prune.get("metrics") or (rep.get("final") or {}).get("metrics") or {}
     row["eval_cosine"], row["eval_cosine_min"] = _worst(final)
     if save:
         res.save(save)
