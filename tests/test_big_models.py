@@ -133,7 +133,7 @@ def test_validation_costs_at_most_two_inferences_per_pass(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="-O1 on the 100k-node chain takes ~80-120 s here (passes ~35-55 s), not < 10 s: "
+    reason="-O1 on the 100k-node chain takes ~50 s on a quiet machine (20 s in passes), not < 10 s: "
     "see docs/scale.md for the profile",
 )
 def test_chain_100k_under_10s(tmp_path: Path):
