@@ -156,8 +156,9 @@ class PassManager:
 
         With ``rounds`` > 1 the pipeline runs again, up to that many times in all, while the
         previous round applied a pass (presets: so that a second run of graphopt on its own
-        output finds nothing left to do); a pass that failed is not run again, nor a
-        ``faithful_noop`` pass that was a no-op on the very model it would get now.
+        output finds nothing left to do); a pass that failed is not run again. A
+        ``faithful_noop`` pass (same name and options) is not run on a model it already
+        was a no-op on, in any round or at any position.
         """
         current = model.clone()
         signature = io_signature(model)
@@ -174,13 +175,16 @@ class PassManager:
         numeric = self.options.validate == "each" and self.validator is not None
         failed: set[str] = set()
         commits = 0  # changes committed so far: the model's version
-        noop_at: dict[int, int] = {}  # pipeline position -> version it last was a no-op on
+        # (pass name, options) -> the model version it last was a no-op on: the same pass
+        # at another position of the pipeline (cleanup runs before and after the rewrites)
+        # would find nothing either
+        noop_at: dict[tuple[str, str], int] = {}
         for round_no in range(1, rounds + 1):
             # later rounds: the passes that did not fail, while the last round changed the model
-            schedule = [(i, p) for i, p in enumerate(passes) if p.name not in failed]
+            schedule = [p for p in passes if p.name not in failed]
             changed = False
-            for index, (position, p) in enumerate(schedule, 1):
-                if p.faithful_noop and noop_at.get(position) == commits:
+            for index, p in enumerate(schedule, 1):
+                if p.faithful_noop and noop_at.get(_identity(p)) == commits:
                     continue  # a no-op on this very model already: nothing new to find
                 rec = PassRecord(
                     name=p.name,
@@ -243,7 +247,7 @@ class PassManager:
                 if not result.modified:
                     if p.faithful_noop:
                         spare = candidate, before_nodes
-                    noop_at[position] = commits
+                    noop_at[_identity(p)] = commits
                     rec.status = "no-op"
                     self._report(index, len(schedule), rec)
                     continue
@@ -317,6 +321,11 @@ class PassManager:
     def _report(self, index: int, total: int, rec: PassRecord) -> None:
         if self.progress is not None:
             self.progress(index, total, rec)
+
+
+def _identity(p: Pass) -> tuple[str, str]:
+    """A pass and its options: two such runs on one model do the same."""
+    return p.name, repr(sorted(p.config.items()))
 
 
 def _explicit_options(p: Pass) -> dict[str, Any]:

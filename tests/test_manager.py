@@ -264,6 +264,21 @@ def test_a_faithful_no_op_is_not_rerun_on_the_same_model():
     ]  # fmt: skip
 
 
+def test_a_faithful_no_op_is_not_rerun_at_another_position_on_the_same_model():
+    calls = {"n": 0}
+
+    def nothing(self, model, ctx):
+        calls["n"] += 1
+        return graphopt.PassResult(False)
+
+    # cleanup passes sit at two positions of a preset; nothing changes in between
+    quiet = make_pass("t.quiet", body=nothing, level=1, order=(1, 900), faithful_noop=True)
+    other = make_pass("t.other", body=nothing, level=1, order=500)
+    r = opt(None, quiet, other, level=1)
+    assert [p.name for p in r.report.passes] == ["t.quiet", "t.other"]
+    assert calls["n"] == 2
+
+
 def test_a_named_pipeline_and_a_failed_pass_run_once():
     calls = {"n": 0}
 
