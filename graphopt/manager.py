@@ -150,9 +150,10 @@ class PassManager:
 
     # ------------------------------------------------------------------ the loop
     def run(
-        self, model: ir.Model, passes: Sequence[Pass], *, rounds: int = 1
+        self, model: ir.Model, passes: Sequence[Pass], *, rounds: int = 1, consume: bool = False
     ) -> tuple[ir.Model, list[PassRecord]]:
-        """Run ``passes`` over a working copy of ``model``; ``model`` itself is not changed.
+        """Run ``passes`` over a working copy of ``model``; ``model`` itself is not changed
+        unless ``consume`` (then it may be, and it is no longer the caller's).
 
         With ``rounds`` > 1 the pipeline runs again, up to that many times in all, while the
         previous round applied a pass (presets: so that a second run of graphopt on its own
@@ -160,7 +161,7 @@ class PassManager:
         ``faithful_noop`` pass (same name and options) is not run on a model it already
         was a no-op on, in any round or at any position.
         """
-        current = model.clone()
+        current = model if consume else model.clone()
         signature = io_signature(model)
         previous: list[Feed] | None = None
         if self.validator is not None:
