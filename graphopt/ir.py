@@ -25,6 +25,7 @@ from graphopt.errors import InputError
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
+    "FreshNames",
     "count_nodes",
     "fingerprint",
     "iter_graphs",
@@ -280,6 +281,39 @@ def iter_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
 
 
 _GRAPH, _GRAPHS = ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS
+
+
+class FreshNames:
+    """Names no value or node of a model uses, reserved as they are handed out (the names
+    in use are collected on the first request, subgraphs included)."""
+
+    def __init__(self, model: ir.Model, default: str) -> None:
+        self.model = model
+        self.default = default
+        self._taken: set[str] | None = None
+
+    def _collect(self) -> set[str]:
+        taken: set[str] = set()
+        for g in iter_graphs(self.model.graph):
+            taken.update(v.name for v in g.inputs if v.name)
+            taken.update(g.initializers)
+            for node in g:
+                if node.name:
+                    taken.add(node.name)
+                taken.update(v.name for v in node.outputs if v.name)
+        return taken
+
+    def fresh(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``, ...: the first one nothing uses yet."""
+        if self._taken is None:
+            self._taken = self._collect()
+        base = base or self.default
+        name, i = base, 1
+        while name in self._taken:
+            name = f"{base}_{i}"
+            i += 1
+        self._taken.add(name)
+        return name
 
 
 def count_nodes(model: ir.Model) -> int:

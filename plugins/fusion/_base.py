@@ -169,7 +169,7 @@ class Env:
     def __init__(self, model: ir.Model, ctx: PassContext) -> None:
         self.model = model
         self.ctx = ctx
-        self._names: set[str] | None = None
+        self._names = gir.FreshNames(model, "fused")
 
     @property
     def opset(self) -> int:
@@ -180,29 +180,9 @@ class Env:
         """Whether com.microsoft contrib ops may be emitted (onnxruntime CPU/CUDA targets)."""
         return self.ctx.allows_contrib_ops and self.ctx.target in ("cpu", "cuda")
 
-    def _taken(self) -> set[str]:
-        if self._names is None:
-            names: set[str] = set()
-            for g in gir.iter_graphs(self.model.graph):
-                names.update(v.name for v in g.inputs if v.name)
-                names.update(g.initializers)
-                for node in g:
-                    if node.name:
-                        names.add(node.name)
-                    names.update(v.name for v in node.outputs if v.name)
-            self._names = names
-        return self._names
-
     def fresh(self, base: str) -> str:
         """A name used by no value or node of the model (and reserve it)."""
-        taken = self._taken()
-        base = base or "fused"
-        name, i = base, 1
-        while name in taken:
-            name = f"{base}_{i}"
-            i += 1
-        taken.add(name)
-        return name
+        return self._names.fresh(base)
 
     def initializer(self, op: Any, array: np.ndarray, base: str) -> ir.Value:
         """A new initializer value (unique name) in the replacement being built.

@@ -30,28 +30,11 @@ __all__ = [
 Feed = dict[str, np.ndarray]
 
 
-class Names:
+class Names(gir.FreshNames):
     """Fresh value names for one model (reserved as they are handed out)."""
 
     def __init__(self, model: ir.Model) -> None:
-        taken: set[str] = set()
-        for g in gir.iter_graphs(model.graph):
-            taken.update(v.name for v in g.inputs if v.name)
-            taken.update(g.initializers)
-            for node in g:
-                if node.name:
-                    taken.add(node.name)
-                taken.update(v.name for v in node.outputs if v.name)
-        self.taken = taken
-
-    def fresh(self, base: str) -> str:
-        base = base or "pruned"
-        name, i = base, 1
-        while name in self.taken:
-            name = f"{base}_{i}"
-            i += 1
-        self.taken.add(name)
-        return name
+        super().__init__(model, "pruned")
 
 
 def set_const_input(
