@@ -230,19 +230,13 @@ class PassManager:
                     if not isinstance(e, _Timeout):
                         log.debug("pass %s raised:\n%s", p.name, traceback.format_exc())
                     rec.repro = self._write_repro(index, p, current, rec.reason)
-                    self._report(index, len(schedule), rec)
-                    failed.add(p.name)
-                    if self.options.on_fail == "stop":
-                        stopped_by = p.name
+                    stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 rec.seconds = time.perf_counter() - start
                 if not isinstance(result, PassResult):
                     rec.status = "failed"
                     rec.reason = f"run() returned {type(result).__name__}, not graphopt.PassResult"
-                    self._report(index, len(schedule), rec)
-                    failed.add(p.name)
-                    if self.options.on_fail == "stop":
-                        stopped_by = p.name
+                    stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 rec.stats = dict(result.stats)
                 if not result.modified:
@@ -267,10 +261,7 @@ class PassManager:
                     rec.nodes_after = gir.count_nodes(candidate)
                     rec.bytes_after = gir.weight_bytes(candidate)
                     rec.repro = self._write_repro(index, p, current, check.reason)
-                    self._report(index, len(schedule), rec)
-                    failed.add(p.name)
-                    if self.options.on_fail == "stop":
-                        stopped_by = p.name
+                    stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 # commit
                 # tag what this pass created (a rewriter may have copied an older tag over)
@@ -293,6 +284,17 @@ class PassManager:
             if not changed or stopped_by is not None:
                 break
         return current, records
+
+    def _give_up(
+        self, index: int, total: int, rec: PassRecord, failed: set[str], stopped_by: str | None
+    ) -> str | None:
+        """Report a failed or rolled-back pass, never rerun it; the pass the run stopped
+        after, if it stops here (``on_fail="stop"``)."""
+        self._report(index, total, rec)
+        failed.add(rec.name)
+        if self.options.on_fail == "stop":
+            return rec.name
+        return stopped_by
 
     def _check(
         self,

@@ -228,6 +228,18 @@ def _same_value(a: Any, b: Any) -> bool:
     )
 
 
+def _mismatch(reason: str) -> OutputMetrics:
+    """The metrics of an output that cannot be compared number by number."""
+    return OutputMetrics(
+        max_abs=float("inf"),
+        max_rel=float("inf"),
+        cosine=0.0,
+        cosine_min=0.0,
+        sqnr=float("-inf"),
+        mismatch=reason,
+    )
+
+
 def compare_output(refs: Sequence[Any], outs: Sequence[Any]) -> OutputMetrics:
     """Metrics for one output over all samples.
 
@@ -237,37 +249,16 @@ def compare_output(refs: Sequence[Any], outs: Sequence[Any]) -> OutputMetrics:
     if not all(_numeric(r) and _numeric(o) for r, o in zip(refs, outs)):
         if all(_same_value(r, o) for r, o in zip(refs, outs)):
             return OutputMetrics()
-        return OutputMetrics(
-            max_abs=float("inf"),
-            max_rel=float("inf"),
-            cosine=0.0,
-            cosine_min=0.0,
-            sqnr=float("-inf"),
-            mismatch="non-numeric output (sequence, optional or string) changed",
-        )
+        return _mismatch("non-numeric output (sequence, optional or string) changed")
     m = OutputMetrics()
     cosines = []
     sig = noise = 0.0
     agree = total = 0
     for ref, out in zip(refs, outs):
         if ref.shape != out.shape:
-            return OutputMetrics(
-                max_abs=float("inf"),
-                max_rel=float("inf"),
-                cosine=0.0,
-                cosine_min=0.0,
-                sqnr=float("-inf"),
-                mismatch=f"shape {out.shape} != {ref.shape}",
-            )
+            return _mismatch(f"shape {out.shape} != {ref.shape}")
         if ref.dtype != out.dtype:
-            return OutputMetrics(
-                max_abs=float("inf"),
-                max_rel=float("inf"),
-                cosine=0.0,
-                cosine_min=0.0,
-                sqnr=float("-inf"),
-                mismatch=f"dtype {out.dtype} != {ref.dtype}",
-            )
+            return _mismatch(f"dtype {out.dtype} != {ref.dtype}")
         r = ref.astype(np.float64).ravel()
         o = out.astype(np.float64).ravel()
         nan_r, nan_o = np.isnan(r), np.isnan(o)
