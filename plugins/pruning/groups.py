@@ -293,6 +293,13 @@ class _Analyzer:
                 return False
         return True
 
+    def _through(self, i: int, node: ir.Node, lay: Layout) -> None:
+        """The channels pass node ``i`` unchanged: its data input and output join the group
+        with the same layout."""
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        self.join(node.inputs[0], lay)
+        self.join(node.outputs[0], lay)
+
     def visit(self, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         i = self.index.get(id(node))
         if i is None:
@@ -345,10 +352,7 @@ class _Analyzer:
             self.cut(i, 1, 0, lay, "param")
             if bias:
                 self.cut(i, 2, 0, lay, "param")
-            self._seen.update({(i, "in", 0), (i, "out", 0)})
-            self.join(node.inputs[0], lay)
-            self.join(node.outputs[0], lay)
-            return None
+            return self._through(i, node, lay)
         if group != 1:
             where = "feed" if port == "in" else "come from"
             return self.block(f"channels {where} grouped Conv '{_name(node)}' (group={group})")
@@ -483,10 +487,7 @@ class _Analyzer:
         # before opset 13 the op flattens every axis from ``axis`` on
         if axis == lay.axis or (self.opset < 13 and axis <= lay.axis):
             return self.block(f"{node.op_type} '{_name(node)}' normalizes over the channels")
-        self._seen.update({(i, "in", 0), (i, "out", 0)})
-        self.join(node.inputs[0], lay)
-        self.join(node.outputs[0], lay)
-        return None
+        return self._through(i, node, lay)
 
     def shape_reader(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         """A Shape node whose result only feeds Gathers of other dimensions is harmless."""
@@ -519,10 +520,7 @@ class _Analyzer:
                 self.cut(i, j, 0, lay, "param")
         if not self._other_outputs_unused(node):
             return None
-        self._seen.update({(i, "in", 0), (i, "out", 0)})
-        self.join(node.inputs[0], lay)
-        self.join(node.outputs[0], lay)
-        return None
+        return self._through(i, node, lay)
 
     def op_BatchNormalization(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
@@ -588,10 +586,7 @@ class _Analyzer:
             return self.block(f"{node.op_type} '{_name(node)}' with channels on axis {lay.axis}")
         if not self._other_outputs_unused(node):
             return None
-        self._seen.update({(i, "in", 0), (i, "out", 0)})
-        self.join(node.inputs[0], lay)
-        self.join(node.outputs[0], lay)
-        return None
+        return self._through(i, node, lay)
 
     def op_Pad(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
@@ -604,10 +599,7 @@ class _Analyzer:
         rank = len(pads) // 2
         if pads[lay.axis] or pads[lay.axis + rank]:
             return self.block(f"Pad '{_name(node)}' pads the channel axis")
-        self._seen.update({(i, "in", 0), (i, "out", 0)})
-        self.join(node.inputs[0], lay)
-        self.join(node.outputs[0], lay)
-        return None
+        return self._through(i, node, lay)
 
     def op_Resize(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
@@ -844,10 +836,7 @@ class _Analyzer:
             axes = list(range(len(starts)))
         if lay.axis in [a % rank for a in axes]:
             return self.block(f"Slice '{_name(node)}' slices the channel axis")
-        self._seen.update({(i, "in", 0), (i, "out", 0)})
-        self.join(node.inputs[0], lay)
-        self.join(node.outputs[0], lay)
-        return None
+        return self._through(i, node, lay)
 
     def op_Split(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
