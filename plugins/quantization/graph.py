@@ -521,19 +521,29 @@ def bias_correction(
             if mean.shape[0] != e2.shape[0]:
                 continue
             delta = mean @ e2
-        bscale = inits.get(bdq.input[1])
-        if bscale is None:
-            continue
-        s = numpy_helper.to_array(bscale).astype(np.float64)
-        bq = numpy_helper.to_array(bq_t).astype(np.int64)
-        if bq.shape != delta.shape:
-            continue
-        new = np.clip(np.round(bq - delta / s), -(2**31), 2**31 - 1).astype(np.int32)
-        if not np.array_equal(new, bq):
-            bq_t.CopyFrom(numpy_helper.from_array(new, bq_t.name))
+        shift = _shift_bias(bq_t, inits.get(bdq.input[1]), delta)
+        if shift is not None:
             fixed += 1
-            shifts.append(float(np.max(np.abs(delta))))
+            shifts.append(shift)
     return {"biases_corrected": fixed, "max_shift": round(max(shifts), 6) if shifts else 0.0}
+
+
+def _shift_bias(
+    bq_t: onnx.TensorProto, scale_t: onnx.TensorProto | None, delta: np.ndarray
+) -> float | None:
+    """Subtract ``delta`` (float) from an int32 quantized bias, in place; the largest shift
+    if the bias changed, else None (no scale, a shape mismatch, or nothing to round)."""
+    if scale_t is None:
+        return None
+    s = numpy_helper.to_array(scale_t).astype(np.float64)
+    bq = numpy_helper.to_array(bq_t).astype(np.int64)
+    if bq.shape != delta.shape:
+        return None
+    new = np.clip(np.round(bq - delta / s), -(2**31), 2**31 - 1).astype(np.int32)
+    if np.array_equal(new, bq):
+        return None
+    bq_t.CopyFrom(numpy_helper.from_array(new, bq_t.name))
+    return float(np.max(np.abs(delta)))
 
 
 def _dequantize(dq: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> np.ndarray | None:
@@ -609,18 +619,10 @@ def empirical_bias_correction(
             continue
         delta = np.mean(diffs, axis=0)
         bdq = prod[node.input[2]]
-        bq_t, bs_t = inits[bdq.input[0]], inits.get(bdq.input[1])
-        if bs_t is None:
-            continue
-        s = numpy_helper.to_array(bs_t).astype(np.float64)
-        bq = numpy_helper.to_array(bq_t).astype(np.int64)
-        if bq.shape != delta.shape:
-            continue
-        new = np.clip(np.round(bq - delta / s), -(2**31), 2**31 - 1).astype(np.int32)
-        if not np.array_equal(new, bq):
-            bq_t.CopyFrom(numpy_helper.from_array(new, bq_t.name))
+        shift = _shift_bias(inits[bdq.input[0]], inits.get(bdq.input[1]), delta)
+        if shift is not None:
             fixed += 1
-            shifts.append(float(np.max(np.abs(delta))))
+            shifts.append(shift)
     return {"biases_corrected": fixed, "max_shift": round(max(shifts), 6) if shifts else 0.0}
 
 
