@@ -564,68 +564,6 @@ def _dequantize(dq: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> np
     return (q - z) * s
 
 
-def empirical_bias_correction(
-    qdq: onnx.ModelProto,
-    fmodel: onnx.ModelProto,
-    feeds: list[dict[str, np.ndarray]],
-    session_factory: Any,
-    *,
-    ops: tuple[str, ...] = ("Conv", "Gemm"),
-) -> dict[str, Any]:
-    """Correct, in place, the int32 biases of quantized Conv/Gemm nodes by the measured mean
-    error of their outputs: run the float model and the QDQ model (simulated, onnxruntime
-    optimizations off, so the pre-activation outputs are visible) on ``feeds``, and for each
-    output channel subtract ``mean(y_q - y_float)`` from the bias. This catches the mean
-    shift of weight AND activation rounding (the analytic correction sees weights only)."""
-    g = qdq.graph
-    prod = _producers(g)
-    inits = {t.name: t for t in g.initializer}
-    f_nodes = {n.name: n for n in fmodel.graph.node}
-    pairs: list[tuple[onnx.NodeProto, str, str]] = []
-    for node in g.node:
-        if node.op_type not in ops or len(node.input) < 3 or node.name not in f_nodes:
-            continue
-        bdq = prod.get(node.input[2])
-        if bdq is None or bdq.op_type != "DequantizeLinear" or bdq.input[0] not in inits:
-            continue
-        pairs.append((node, node.output[0], f_nodes[node.name].output[0]))
-    if not pairs or not feeds:
-        return {"biases_corrected": 0}
-
-    def outputs(model: onnx.ModelProto, names: list[str]) -> list[dict[str, np.ndarray]]:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        have = {o.name for o in m.graph.output}
-        for n in names:
-            if n not in have:
-                m.graph.output.append(
-                    onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                )
-        sess = session_factory(m)
-        return [dict(zip(names, sess.run(names, f))) for f in feeds]
-
-    q_out = outputs(qdq, [p[1] for p in pairs])
-    f_out = outputs(fmodel, [p[2] for p in pairs])
-    fixed, shifts = 0, []
-    for node, qn, fn in pairs:
-        diffs = []
-        for a, b in zip(q_out, f_out):
-            ya, yb = a[qn], b[fn]
-            if ya.shape != yb.shape or ya.ndim < 2:
-                break
-            axes = tuple(i for i in range(ya.ndim) if i != 1) if node.op_type == "Conv" else (0,)
-            diffs.append((ya.astype(np.float64) - yb).mean(axis=axes))
-        if len(diffs) != len(feeds):
-            continue
-        delta = np.mean(diffs, axis=0)
-        bdq = prod[node.input[2]]
-        shift = _shift_bias(inits[bdq.input[0]], inits.get(bdq.input[1]), delta)
-        if shift is not None:
-            fixed += 1
-            shifts.append(shift)
-    return {"biases_corrected": fixed, "max_shift": round(max(shifts), 6) if shifts else 0.0}
-
-
 def remove_dead(model: onnx.ModelProto) -> int:
     """Drop, in place, Q/DQ nodes whose outputs nobody reads and initializers nobody uses."""
     g = model.graph
