@@ -6,6 +6,13 @@
 * :func:`graph_likes`: every graph, subgraph and function body of a model.
 * :func:`structure_key`: a cheap summary of the node structure, to report ``modified``
   honestly around library calls whose own flag misses some changes.
+* :func:`has_subgraphs`: whether a model has If/Loop/Scan bodies or functions.
+
+The library passes walk the whole model and (for dce, topo-sort, cse) build per-node
+records even when there is nothing to do, which is most runs: the cleanup band runs twice
+per preset round. Each of those passes first asks a one-walk question that is a
+*conservative* test of "the library would change nothing" (``nothing_to_do``); only a yes
+skips the library. On a 100k-node chain that is ~0.1 s instead of ~1 s a pass.
 """
 
 from __future__ import annotations
@@ -16,7 +23,14 @@ import onnx_ir as ir
 
 from graphopt import ir as gir
 
-__all__ = ["check_io_names", "graph_likes", "io_names", "node_count", "structure_key"]
+__all__ = [
+    "check_io_names",
+    "graph_likes",
+    "has_subgraphs",
+    "io_names",
+    "node_count",
+    "structure_key",
+]
 
 
 def io_names(model: ir.Model) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
@@ -69,3 +83,10 @@ def structure_key(model: ir.Model) -> tuple[int, int, int, int]:
             outputs += len(node.outputs)
             attrs += len(node.attributes)
     return nodes, inputs, outputs, attrs
+
+
+def has_subgraphs(model: ir.Model) -> bool:
+    """Whether the model has functions or any If/Loop/Scan body."""
+    if model.functions:
+        return True
+    return any(g is not model.graph for g in gir.iter_graphs(model.graph))

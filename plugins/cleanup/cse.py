@@ -17,6 +17,11 @@ Our own code, for what the library lacks (onnx_ir 1.1):
   EXACT). Before the walk we give every node with a negative-zero float attribute a
   temporary attribute spelling its float attributes with ``repr`` (which tells -0.0 from
   0.0), and remove it afterwards.
+* The library keys every node, attribute values (tensors as bytes) included, before it
+  can know that no two nodes match; :func:`_no_twins` first keys each node by op, output
+  count, input identities and attribute *names* only. Nodes the library would merge have
+  equal coarse keys, so when no two coarse keys in a graph are equal the library is not
+  run (a 100k-node chain: ~0.2 s instead of ~1 s).
 """
 
 from __future__ import annotations
@@ -73,6 +78,20 @@ def _identity_count(model: ir.Model) -> int:
                if n.op_type == "Identity" and n.domain in ("", "ai.onnx"))
 
 
+def _no_twins(graphs: list[ir.Graph]) -> bool:
+    """True when no two nodes of one graph share (op, output count, input identities,
+    attribute names): the library's key refines that one, so it would merge nothing."""
+    for graph in graphs:
+        seen: set[tuple[object, ...]] = set()
+        for node in graph:
+            key = (node.op_identifier(), len(node.outputs), tuple(map(id, node.inputs)),
+                   tuple(sorted(node.attributes)) if node.attributes else ())
+            if key in seen:
+                return False
+            seen.add(key)
+    return True
+
+
 class CommonSubexpressionElimination(graphopt.Pass):
     name = "cse"
     faithful_noop = True
@@ -86,14 +105,18 @@ class CommonSubexpressionElimination(graphopt.Pass):
     }
 
     def run(self, model: ir.Model, ctx: graphopt.PassContext) -> graphopt.PassResult:
+        graphs = list(gir.iter_graphs(model.graph))
+        if _no_twins(graphs):
+            return graphopt.PassResult(modified=False, stats={
+                "nodes_merged": 0, "identities_added": 0, "nodes_removed": 0,
+                "graphs": len(graphs)})
         before_io = io_names(model)
         before = node_count(model)
         identities = _identity_count(model)
         cse = CommonSubexpressionEliminationPass(size_limit=self.config["size_limit"])
         modified = False
-        graphs = 0
         # Main graph first; its subgraphs survive (the library never merges If/Loop/Scan).
-        for graph in list(gir.iter_graphs(model.graph)):
+        for graph in graphs:
             tagged = _tag_negative_zeros(graph)
             try:
                 target = model if graph is model.graph else ir.Model(
@@ -102,7 +125,6 @@ class CommonSubexpressionElimination(graphopt.Pass):
             finally:
                 for node in tagged:
                     node.attributes.pop(_TAG, None)
-            graphs += 1
         check_io_names(before_io, model, "onnx_ir CommonSubexpressionEliminationPass")
         # The library inserts an Identity when a merged value and its twin are both graph
         # outputs (an output must be named on its own), so count those as merges too.
@@ -110,4 +132,4 @@ class CommonSubexpressionElimination(graphopt.Pass):
         removed = before - node_count(model)
         return graphopt.PassResult(modified=modified, stats={
             "nodes_merged": removed + added, "identities_added": added,
-            "nodes_removed": removed, "graphs": graphs})
+            "nodes_removed": removed, "graphs": len(graphs)})

@@ -33,9 +33,13 @@ __all__ = ["EliminateIdentity"]
 _HOOK = "_try_eliminate_identity_node"
 
 
+def _is_identity(node: ir.Node) -> bool:
+    return node.op_type == "Identity" and node.domain in ("", "ai.onnx")
+
+
 def _must_keep(node: ir.Node) -> bool:
     """True for an Identity the library would remove in a way that breaks the model."""
-    if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+    if not _is_identity(node):
         return False
     if len(node.inputs) != 1 or len(node.outputs) != 1 or node.inputs[0] is None:
         return False
@@ -75,12 +79,15 @@ class EliminateIdentity(graphopt.Pass):
         if not callable(getattr(IdentityEliminationPass, _HOOK, None)):
             raise RuntimeError(f"onnx_ir's IdentityEliminationPass has no {_HOOK}(); the "
                                "graph-output guard of eliminate-identity needs updating")
+        if not any(_is_identity(n) for g in graph_likes(model) for n in g):
+            return graphopt.PassResult(
+                modified=False, stats={"removed": 0, "remaining": 0, "kept_by_guard": 0}
+            )
         before = io_names(model)
         impl = _GuardedIdentityElimination()
         result = impl(model)
         check_io_names(before, model, "onnx_ir IdentityEliminationPass")
-        remaining = sum(1 for g in graph_likes(model) for n in g
-                        if n.op_type == "Identity" and n.domain in ("", "ai.onnx"))
+        remaining = sum(1 for g in graph_likes(model) for n in g if _is_identity(n))
         stats: dict[str, Any] = {"removed": impl.removed, "remaining": remaining,
                                  "kept_by_guard": impl.kept}
         return graphopt.PassResult(modified=bool(result.modified), stats=stats)

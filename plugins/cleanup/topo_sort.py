@@ -8,7 +8,10 @@ reads an outer value is placed after that value's producer. A cycle raises ``Val
 
 Our own code: the library's ``modified`` flag only compares the main graph and function
 bodies, so a reordered subgraph would be reported as no change (and dropped by the
-manager); we compare the node order of every graph-like ourselves.
+manager); we compare the node order of every graph-like ourselves. For a model without
+subgraphs or functions, one walk (:func:`_already_sorted`) tells whether every node comes
+after the producers of its inputs; the library's stable sort would then change nothing,
+so it is not run.
 """
 
 from __future__ import annotations
@@ -18,9 +21,26 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 import graphopt
 
-from ._common import check_io_names, graph_likes, io_names
+from ._common import check_io_names, graph_likes, has_subgraphs, io_names
 
 __all__ = ["TopologicalSort"]
+
+
+def _already_sorted(model: ir.Model) -> bool:
+    """True for a model without subgraphs or functions whose nodes each come after the
+    producers of their inputs (False whenever that is not certain)."""
+    if has_subgraphs(model):
+        return False
+    seen: set[int] = set()
+    for node in model.graph:
+        for v in node.inputs:
+            if v is None:
+                continue
+            producer = v.producer()
+            if producer is not None and id(producer) not in seen:
+                return False
+        seen.add(id(node))
+    return True
 
 
 def _orders(model: ir.Model) -> dict[int, list[int]]:
@@ -36,6 +56,8 @@ class TopologicalSort(graphopt.Pass):
     order = (60, 950)
 
     def run(self, model: ir.Model, ctx: graphopt.PassContext) -> graphopt.PassResult:
+        if _already_sorted(model):
+            return graphopt.PassResult(modified=False, stats={"nodes_moved": 0})
         before_io = io_names(model)
         before = _orders(model)
         TopologicalSortPass()(model)

@@ -842,3 +842,104 @@ def test_optimize_onnxsim_pipeline_on_cnn(registry):
     assert record.status == "applied", record.reason
     assert result.report.final["status"] == "ok"
     assert record.nodes_after < record.nodes_before
+
+
+# ----------------------------------------------------------------------------- no-op tests
+# dce, topo-sort, eliminate-identity and cse skip the library when a one-walk test says it
+# would change nothing. Each case runs the pass as shipped and with that test forced off
+# (the library always runs): the outcome must be the same, bytes included.
+
+import graphopt_plugins.cleanup.cse as cse_mod  # noqa: E402
+import graphopt_plugins.cleanup.dce as dce_mod  # noqa: E402
+import graphopt_plugins.cleanup.eliminate_identity as identity_mod  # noqa: E402
+import graphopt_plugins.cleanup.topo_sort as topo_mod  # noqa: E402
+
+_SHORTCUTS = [
+    (DeadCodeElimination, dce_mod, "_nothing_dead"),
+    (TopologicalSort, topo_mod, "_already_sorted"),
+    (CommonSubexpressionElimination, cse_mod, "_no_twins"),
+]
+
+
+def _shortcut_cases() -> dict[str, onnx.ModelProto]:
+    x, y = vi("x", [2, 4]), vi("y", [2, 4])
+    one = init("one", np.ones((2, 4), np.float32))
+    cases = {f"fixture {n}": fixture(n) for n in FIXTURE_NAMES}
+    cases["dead node"] = model(
+        [node("Relu", ["x"], ["y"]), node("Neg", ["x"], ["dead"])], [x], [y]
+    )
+    cases["unused initializer"] = model([node("Relu", ["x"], ["y"])], [x], [y], [one])
+    cases["unused optional output"] = model(
+        [node("Dropout", ["x"], ["y", "mask"])], [x], [y]
+    )
+    unsorted = model(
+        [node("Relu", ["x"], ["a"]), node("Neg", ["a"], ["y"])], [x], [y]
+    )
+    unsorted.graph.node.reverse()
+    cases["unsorted"] = unsorted
+    cases["twins"] = model(
+        [
+            node("Add", ["x", "one"], ["a"]),
+            node("Add", ["x", "one"], ["b"]),
+            node("Mul", ["a", "b"], ["y"]),
+        ],
+        [x],
+        [y],
+        [one],
+    )
+    cases["same op, other attribute"] = model(
+        [
+            node("LeakyRelu", ["x"], ["a"], alpha=0.1),
+            node("LeakyRelu", ["x"], ["b"], alpha=0.2),
+            node("Add", ["a", "b"], ["y"]),
+        ],
+        [x],
+        [y],
+    )
+    cases["identity"] = model([node("Identity", ["x"], ["a"]), node("Relu", ["a"], ["y"])], [x], [y])
+    cases["subgraph"] = if_model(
+        [node("Add", ["x", "zero"], ["t"])], "t", [node("Neg", ["x"], ["e"])], "e"
+    )
+    return cases
+
+
+def _cleaned(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The model after -O1's cleanup: where the shortcuts matter (nothing left to do)."""
+    return graphopt.optimize(m, level=1, validate="none").model
+
+
+@pytest.mark.parametrize("case", sorted(_shortcut_cases()))
+@pytest.mark.parametrize("cleaned", [False, True], ids=["as-built", "after-O1"])
+def test_shortcut_changes_nothing_the_library_would_do(case, cleaned, monkeypatch):
+    m = _shortcut_cases()[case]
+    if cleaned:
+        m = _cleaned(m)
+    passes = [*_SHORTCUTS, (EliminateIdentity, identity_mod, None)]
+    for cls, module, check in passes:
+        got, got_result = run_pass(cls(), m)
+        with monkeypatch.context() as patched:
+            if check is None:  # eliminate-identity: make the Identity scan see one
+                patched.setattr(module, "_is_identity", lambda n: True)
+            else:
+                patched.setattr(module, check, lambda *a: False)
+            want, want_result = run_pass(cls(), m)
+        assert got_result.modified == want_result.modified, (cls.name, case)
+        assert gir.to_proto(got).SerializeToString() == gir.to_proto(want).SerializeToString(), (
+            cls.name,
+            case,
+        )
+
+
+def test_shortcuts_fire_on_a_clean_model_and_not_on_a_dirty_one():
+    cases = _shortcut_cases()
+    clean = to_ir(_cleaned(fixture("cnn.onnx")))
+    assert dce_mod._nothing_dead(clean)
+    assert topo_mod._already_sorted(clean)
+    assert cse_mod._no_twins([clean.graph])
+    assert not dce_mod._nothing_dead(to_ir(cases["dead node"]))
+    assert not dce_mod._nothing_dead(to_ir(cases["unused initializer"]))
+    assert not dce_mod._nothing_dead(to_ir(cases["unused optional output"]))
+    assert not topo_mod._already_sorted(to_ir(cases["unsorted"]))
+    assert not topo_mod._already_sorted(to_ir(cases["subgraph"]))  # not certain: library runs
+    assert not cse_mod._no_twins([to_ir(cases["twins"]).graph])
+    assert not cse_mod._no_twins([to_ir(cases["same op, other attribute"]).graph])
