@@ -569,6 +569,8 @@ class _Analyzer:
                 )
             if const(inp) is not None:
                 self.cut(i, j, a_j, Layout(a_j, lay.offset, lay.inner), "param")
+            elif self.reshaped_param(inp, a_j, lay):
+                self._seen.add((i, "in", j))
             else:
                 self._seen.add((i, "in", j))
                 self.join(inp, Layout(a_j, lay.offset, lay.inner))
@@ -577,6 +579,35 @@ class _Analyzer:
         self._seen.add((i, "out", 0))
         self.join(out, Layout(a_out, lay.offset, lay.inner))
         return None
+
+    def reshaped_param(self, value: ir.Value, axis: int, lay: Layout) -> bool:
+        """``value = Reshape(constant, constant target)`` read only by the element-wise node
+        at hand, holding one number per position on ``axis`` (e.g. a conv bias ``[C]``
+        reshaped to ``[1, C, 1, 1]`` and added, as Paddle exports write it): a per-channel
+        parameter like a constant operand. The constant is cut along its only non-1 axis and
+        the target's entry ``axis`` shrinks with the channels (-1 needs nothing). False when
+        ``value`` is not of that form (the caller then follows it as a tensor)."""
+        rp = value.producer()
+        if rp is None or rp.op_type != "Reshape" or rp.domain not in ONNX or len(rp.inputs) < 2:
+            return False
+        ri = self.index.get(id(rp))
+        data = const(rp.inputs[0])
+        shape = self.shape(value)
+        if ri is None or data is None or shape is None or value.is_graph_output():
+            return False
+        if len(value.uses()) != 1 or rp.outputs[0] is not value:
+            return False
+        d = shape[axis]
+        if math.prod(shape) != d or data.size != d:
+            return False
+        entry, _ = self.target_entry(rp, axis)
+        if entry not in (-1, d):
+            return False
+        b = next(a for a, n in enumerate(data.shape) if n == d)
+        self._g.nodes.add(ri)
+        self._seen.update({(ri, "in", 0), (ri, "out", 0)})
+        self.cut(ri, 0, b, Layout(b, lay.offset, lay.inner), "param")
+        return self._fix_entry(rp, axis, lay.inner)
 
     def channel_preserving(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         """Pooling (and Pad / Resize after their checks): channel axis 1 kept as is."""
