@@ -520,9 +520,11 @@ class FusionPass(graphopt.Pass):
         skipped = {s.strip() for s in str(self.config.get("skip", "")).split(",") if s.strip()}
         return [r for r in self.rules(env) if r.name not in skipped]
 
-    def _prepare(self, model: ir.Model, ctx: PassContext) -> tuple[Env, list[FusionRule], bool]:
-        """The active rules, and whether one of them may apply at all; only then is the
-        model made ready for them (shapes, constant values)."""
+    def _prepare(
+        self, model: ir.Model, ctx: PassContext
+    ) -> tuple[Env, list[FusionRule], bool, set[str]]:
+        """The active rules, whether one of them may apply at all (only then is the model
+        made ready for them: shapes, constant values), and the model's op types."""
         env = Env(model, ctx)
         rules = self._active_rules(env)
         present = op_types(model)
@@ -533,22 +535,19 @@ class FusionPass(graphopt.Pass):
                 _infer_shapes(model)
             for g in gir.iter_graphs(model.graph):
                 onnxscript.optimizer.basic_constant_propagation(g)
-        return env, rules, live
+        return env, rules, live, present
 
     def run(self, model: ir.Model, ctx: PassContext) -> graphopt.PassResult:
-        _env, rules, live = self._prepare(model, ctx)
+        _env, rules, live, present = self._prepare(model, ctx)
         counts = {r.name: 0 for r in rules}
         if not live:
             return graphopt.PassResult(modified=False, stats=counts)
-        before_nodes = {id(n) for g in gir.iter_graphs(model.graph) for n in g}
-        before_inits = {
-            id(v) for g in gir.iter_graphs(model.graph) for v in g.initializers.values()
-        }
-        constants = _constants_in_use(model)
+        before_nodes, before_inits, constants = _inventory(model)
         names = {r.name for r in rules}
+        # ``present`` is kept equal to op_types(model) after every change (a superset after
+        # _drop_identities, which only costs a quick rejection): one walk per change
         for _ in range(self.max_rounds):
             changed = 0
-            present = op_types(model)
             for r in rules:
                 rule_set = r.rule_set(present)
                 if rule_set is None or not _has_candidate(rule_set, model):
@@ -562,7 +561,8 @@ class FusionPass(graphopt.Pass):
                 break
             # the Identity a rule left (Transpose pair cancelled) would hide the next
             # round's matches (Squeeze -> Identity -> Unsqueeze)
-            _drop_identities(model, names)
+            if "Identity" in present:
+                _drop_identities(model, names)
         total = sum(counts.values())
         if total:
             _drop_orphans(constants + _created_constants(model, before_nodes, before_inits))
@@ -575,7 +575,7 @@ class FusionPass(graphopt.Pass):
         """
         work = model.clone()
         result = self.run(work, ctx)
-        _env, rules, _live = self._prepare(work, ctx)
+        _env, rules, _live, _present = self._prepare(work, ctx)
         owners: dict[int, FusionRule] = {}
         for r in rules:
             for v in r.variants():
@@ -689,20 +689,27 @@ def _infer_shapes_flat(model: ir.Model) -> None:
                 value.dtype = ir.DataType(tensor_type.elem_type)
 
 
-def _constants_in_use(model: ir.Model) -> list[tuple[ir.Graph, ir.Value]]:
-    """Initializers and Constant outputs that something uses now (candidates to drop later,
+def _inventory(
+    model: ir.Model,
+) -> tuple[set[int], set[int], list[tuple[ir.Graph, ir.Value]]]:
+    """In one walk: the ids of the nodes and of the initializers there are now, and the
+    initializers and Constant outputs that something uses now (candidates to drop later,
     once the rewrites have orphaned them)."""
-    out = []
+    nodes: set[int] = set()
+    inits: set[int] = set()
+    in_use = []
     for g in gir.iter_graphs(model.graph):
         for v in g.initializers.values():
+            inits.add(id(v))
             if v.uses() and not v.is_graph_input() and not v.is_graph_output():
-                out.append((g, v))
+                in_use.append((g, v))
         for node in g:
+            nodes.add(id(node))
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 v = node.outputs[0]
                 if v.uses() and not v.is_graph_output():
-                    out.append((g, v))
-    return out
+                    in_use.append((g, v))
+    return nodes, inits, in_use
 
 
 def _created_constants(
