@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -44,6 +46,15 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except GraphoptError as e:
             _fail(str(e), e.exit_code)
+        except BrokenPipeError:
+            # whoever read our output went away (graphopt passes | head): nothing more can
+            # be said; stdout and stderr go to /dev/null so that the flush at exit does not
+            # raise again. The run stops here (an output not yet written is not written).
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(devnull, stream.fileno())
+            sys.exit(int(ExitCode.BROKEN_PIPE))
         except KeyboardInterrupt:
             _fail("interrupted; no output written", ExitCode.INTERNAL_ERROR)
         except MemoryError:

@@ -77,7 +77,7 @@ def main() -> None:
 
     \b
     Exit codes: 0 done; 1 budget or tolerance not met (with --strict or --on-fail stop);
-    2 bad input or usage; 3 plugin error; 4 internal error.
+    2 bad input or usage; 3 plugin error; 4 internal error; 141 output pipe closed.
     """
 
 

@@ -29,6 +29,8 @@ class ExitCode(enum.IntEnum):
     PLUGIN_ERROR: a requested plugin failed to import, or a pass raised with --strict /
         --on-fail stop.
     INTERNAL_ERROR: a bug in graphopt itself.
+    BROKEN_PIPE: whoever read stdout or stderr went away (``graphopt passes | head``);
+        nothing is said, as for any Unix tool stopped by SIGPIPE (128 + 13).
     """
 
     OK = 0
@@ -36,6 +38,7 @@ class ExitCode(enum.IntEnum):
     BAD_INPUT = 2
     PLUGIN_ERROR = 3
     INTERNAL_ERROR = 4
+    BROKEN_PIPE = 141
 
 
 class GraphoptError(Exception):

@@ -135,6 +135,7 @@ def test_exit_codes_are_documented():
         ("BAD_INPUT", 2),
         ("PLUGIN_ERROR", 3),
         ("INTERNAL_ERROR", 4),
+        ("BROKEN_PIPE", 141),
     ]
     assert graphopt.ExitCode is ExitCode
 
@@ -933,3 +934,20 @@ def test_gate_latency_reaches_passes_with_a_gate(tmp_path):
     assert sub["name"] == "substitute" and "gate" in sub["stats"]
     bad = CliRunner().invoke(main, ["run", str(src), "--gate", "speed"])
     assert bad.exit_code == 2
+
+
+def test_subprocess_closed_output_pipe_is_silent(tmp_path: Path):
+    """`graphopt passes | head -1`: the reader goes away before graphopt has written its
+    listing; graphopt stops with the SIGPIPE code and no 'internal error' line."""
+    proc = subprocess.Popen(
+        [*_graphopt(), "passes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**os.environ, "GRAPHOPT_DISABLE_PLUGINS": BUILTIN_PLUGINS},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the imports are done: every write to stdout fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == int(ExitCode.BROKEN_PIPE), err
+    assert err == ""

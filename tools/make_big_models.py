@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,7 @@ def measure(model: Path, args: list[str], *, out: Path | None = None) -> dict[st
     result["written"] = sorted(
         f"{p.name} ({p.stat().st_size} B)" for p in out.parent.iterdir() if p.is_file()
     )
+    shutil.rmtree(work, ignore_errors=True)  # the report is read; an explicit `out` stays
     return result
 
 
