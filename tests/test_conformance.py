@@ -103,8 +103,8 @@ SAMPLE: list[tuple[str, str]] = [
     ("simple", "test_sequence_model4"),
     ("simple", "test_single_relu_model"),
     # known failures (KNOWN below)
-    ("node", "test_split_to_sequence_1"),
-    ("node", "test_if_opt"),
+    ("node", "test_split_to_sequence_1"),  # was a crash of onnxscript's folder (contained)
+    ("node", "test_if_opt"),  # was a crash of onnx_ir's CSE (contained)
     ("node", "test_string_concat"),  # was a crash (string outputs), fixed in 9ee4a00
     ("node", "test_attention_3d_expanded"),  # was not idempotent: presets run to a fixpoint
     ("node", "test_causal_conv_with_state_silu_expanded"),  # was Swish at opset 25 (no kernel)
@@ -114,12 +114,6 @@ SAMPLE: list[tuple[str, str]] = [
 
 # Known failures, pinned so a fix turns them into XPASS (strict): case -> reason.
 KNOWN: dict[str, str] = {
-    "test_split_to_sequence_1": "fold-constants crashes (contained: status failed): "
-    "onnxscript's folder, optimizer/_constant_folding.py:875 split_to_sequence(), reads "
-    "split_value.ndim of a non-constant 'split' input (None)",
-    "test_if_opt": "cse crashes (contained: status failed): onnx_ir's "
-    "CommonSubexpressionElimination hashes attribute values and a TYPE_PROTO attribute "
-    "(TypeAndShape, Optional's 'type') is unhashable: TypeError",
     "test_sequence_model5": "fold-constants (onnxscript folder) emits Unsqueeze with an axes "
     "input in an opset-11 model; the checker rejects it -> rolled back",
 }

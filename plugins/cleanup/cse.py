@@ -17,6 +17,10 @@ Our own code, for what the library lacks (onnx_ir 1.1):
   EXACT). Before the walk we give every node with a negative-zero float attribute a
   temporary attribute spelling its float attributes with ``repr`` (which tells -0.0 from
   0.0), and remove it afterwards.
+* The library hashes attribute values, and a TYPE_PROTO attribute (Optional's ``type``)
+  is unhashable: it raises. Such a node is never merged by us: for the walk its
+  TYPE_PROTO attributes are swapped for a temporary string unique to the node, then put
+  back in their order.
 * The library keys every node, attribute values (tensors as bytes) included, before it
   can know that no two nodes match; :func:`_no_twins` first keys each node by op, output
   count, input identities and attribute *names* only. Nodes the library would merge have
@@ -73,6 +77,33 @@ def _tag_negative_zeros(graph: ir.Graph) -> list[ir.Node]:
     return tagged
 
 
+_TYPES = (ir.AttributeType.TYPE_PROTO, ir.AttributeType.TYPE_PROTOS)
+_UNIQUE = "graphopt.cse.unique"
+
+
+def _hide_type_attributes(graph: ir.Graph) -> list[tuple[ir.Node, list[ir.Attr]]]:
+    """Give each node with a TYPE_PROTO attribute a key no other node has instead; the
+    node's attributes, to restore."""
+    hidden = []
+    for node in graph:
+        if not node.attributes or not any(a.type in _TYPES for a in node.attributes.values()):
+            continue
+        saved = list(node.attributes.values())
+        for attr in saved:
+            if attr.type in _TYPES:
+                node.attributes.pop(attr.name)
+        node.attributes[_UNIQUE] = ir.AttrString(_UNIQUE, str(id(node)))
+        hidden.append((node, saved))
+    return hidden
+
+
+def _restore_attributes(hidden: list[tuple[ir.Node, list[ir.Attr]]]) -> None:
+    for node, saved in hidden:
+        node.attributes.clear()
+        for attr in saved:
+            node.attributes[attr.name] = attr
+
+
 def _identity_count(model: ir.Model) -> int:
     return sum(1 for g in graph_likes(model) for n in g
                if n.op_type == "Identity" and n.domain in ("", "ai.onnx"))
@@ -118,6 +149,7 @@ class CommonSubexpressionElimination(graphopt.Pass):
         # Main graph first; its subgraphs survive (the library never merges If/Loop/Scan).
         for graph in graphs:
             tagged = _tag_negative_zeros(graph)
+            hidden = _hide_type_attributes(graph)
             try:
                 target = model if graph is model.graph else ir.Model(
                     graph, ir_version=model.ir_version)
@@ -125,6 +157,7 @@ class CommonSubexpressionElimination(graphopt.Pass):
             finally:
                 for node in tagged:
                     node.attributes.pop(_TAG, None)
+                _restore_attributes(hidden)
         check_io_names(before_io, model, "onnx_ir CommonSubexpressionEliminationPass")
         # The library inserts an Identity when a merged value and its twin are both graph
         # outputs (an output must be named on its own), so count those as merges too.

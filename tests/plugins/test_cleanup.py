@@ -896,7 +896,9 @@ def _shortcut_cases() -> dict[str, onnx.ModelProto]:
         [x],
         [y],
     )
-    cases["identity"] = model([node("Identity", ["x"], ["a"]), node("Relu", ["a"], ["y"])], [x], [y])
+    cases["identity"] = model(
+        [node("Identity", ["x"], ["a"]), node("Relu", ["a"], ["y"])], [x], [y]
+    )
     cases["subgraph"] = if_model(
         [node("Add", ["x", "zero"], ["t"])], "t", [node("Neg", ["x"], ["e"])], "e"
     )
@@ -943,3 +945,30 @@ def test_shortcuts_fire_on_a_clean_model_and_not_on_a_dirty_one():
     assert not topo_mod._already_sorted(to_ir(cases["subgraph"]))  # not certain: library runs
     assert not cse_mod._no_twins([to_ir(cases["twins"]).graph])
     assert not cse_mod._no_twins([to_ir(cases["same op, other attribute"]).graph])
+
+
+def test_cse_leaves_type_proto_nodes_alone_and_merges_the_rest():
+    """onnx_ir's CSE hashes attribute values; a TYPE_PROTO one (Optional's ``type``) made
+    it raise. Two such nodes with equal keys stay, and a repeated Add still merges."""
+    opt_type = helper.make_tensor_type_proto(F, [2, 4])
+    empty = [helper.make_node("Optional", [], [f"o{i}"], name=f"opt{i}", type=opt_type)
+             for i in range(2)]
+    m = model(
+        [
+            *empty,
+            helper.make_node("OptionalHasElement", ["o0"], ["h0"], name="has0"),
+            helper.make_node("OptionalHasElement", ["o1"], ["h1"], name="has1"),
+            node("Add", ["x", "x"], ["a"]),
+            node("Add", ["x", "x"], ["b"]),
+            node("Mul", ["a", "b"], ["y"]),
+        ],
+        [vi("x", [2, 4])],
+        [vi("y", [2, 4]), vi("h0", [], TensorProto.BOOL), vi("h1", [], TensorProto.BOOL)],
+        opset=18,
+    )
+    out, result = run_pass(CommonSubexpressionElimination(), m)
+    assert result.modified
+    assert counts(out)["Optional"] == 2 and counts(out)["Add"] == 1
+    kept = [n for n in out.graph if n.op_type == "Optional"]
+    assert [list(n.attributes) for n in kept] == [["type"], ["type"]]
+    assert_numerics_preserved(m, out, EXACT)
