@@ -289,9 +289,10 @@ def optimize(
     # and LOSSY passes never run twice.
     rounds = 1 if named or lossy else PRESET_ROUNDS
     before = {"nodes_before": gir.count_nodes(ir_model), "bytes_before": gir.weight_bytes(ir_model)}
-    # a model we loaded ourselves and no validator keeps: the manager may work on it
-    # directly instead of on a copy (a clone costs ~20 µs a node)
-    consume = validator is None and isinstance(model, str | Path)
+    # a model we deserialized ourselves (from a path or the caller's ModelProto, which
+    # stays untouched) and no validator keeps: the manager may work on it directly
+    # instead of on a copy (a clone costs ~20 µs a node)
+    consume = validator is None and isinstance(model, str | Path | onnx.ModelProto)
     result_model, records = manager.run(ir_model, passes, rounds=rounds, consume=consume)
 
     report = Report(
