@@ -7,6 +7,7 @@
 * :func:`structure_key`: a cheap summary of the node structure, to report ``modified``
   honestly around library calls whose own flag misses some changes.
 * :func:`has_subgraphs`: whether a model has If/Loop/Scan bodies or functions.
+* :func:`nothing_dead`: whether onnx_ir's ``RemoveUnusedNodesPass`` would find nothing.
 
 The library passes walk the whole model and (for dce, topo-sort, cse) build per-node
 records even when there is nothing to do, which is most runs: the cleanup band runs twice
@@ -29,6 +30,7 @@ __all__ = [
     "has_subgraphs",
     "io_names",
     "node_count",
+    "nothing_dead",
     "structure_key",
 ]
 
@@ -90,3 +92,22 @@ def has_subgraphs(model: ir.Model) -> bool:
     if model.functions:
         return True
     return any(g is not model.graph for g in gir.iter_graphs(model.graph))
+
+
+def nothing_dead(model: ir.Model) -> bool:
+    """True when every node output and every initializer is used or is a graph input or
+    output, in every graph-like: then onnx_ir's RemoveUnusedNodesPass would remove and
+    trim nothing (a node with no outputs at all counts as dead). A use inside a subgraph
+    is recorded on the outer value, as the library relies on too."""
+    for g in graph_likes(model):
+        for node in g:
+            if not node.outputs:
+                return False
+            for v in node.outputs:
+                if not v.uses() and not v.is_graph_output():
+                    return False
+        if isinstance(g, ir.Graph):
+            for v in g.initializers.values():
+                if not (v.uses() or v.is_graph_input() or v.is_graph_output()):
+                    return False
+    return True

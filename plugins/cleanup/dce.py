@@ -20,28 +20,10 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 import graphopt
 
-from ._common import check_io_names, graph_likes, io_names, node_count, structure_key
+from ._common import check_io_names, io_names, node_count, structure_key
+from ._common import nothing_dead as _nothing_dead
 
 __all__ = ["DeadCodeElimination"]
-
-
-def _nothing_dead(model: ir.Model) -> bool:
-    """True when every node output and every initializer is used or is a graph input or
-    output, in every graph-like: then the library would remove and trim nothing (a node
-    with no outputs at all counts as dead). A use inside a subgraph is recorded on the
-    outer value, as the library relies on too."""
-    for g in graph_likes(model):
-        for node in g:
-            if not node.outputs:
-                return False
-            for v in node.outputs:
-                if not v.uses() and not v.is_graph_output():
-                    return False
-        if isinstance(g, ir.Graph):
-            for v in g.initializers.values():
-                if not (v.uses() or v.is_graph_input() or v.is_graph_output()):
-                    return False
-    return True
 
 
 class DeadCodeElimination(graphopt.Pass):

@@ -56,7 +56,7 @@ from onnxscript.optimizer import FOLDED_FROM_KEY, fold_constants
 import graphopt
 from graphopt import ir as gir
 
-from ._common import check_io_names, graph_likes, io_names
+from ._common import check_io_names, graph_likes, io_names, nothing_dead
 
 __all__ = ["FoldConstants"]
 
@@ -216,7 +216,8 @@ class FoldConstants(graphopt.Pass):
 
         nodes_after = folded.nodes - constants_lifted
         if modified:
-            RemoveUnusedNodesPass()(model)
+            if not nothing_dead(model):
+                RemoveUnusedNodesPass()(model)
             nodes_after = _scan(model, drop_provenance=True).nodes
         check_io_names(before_io, model, "fold-constants")
         stats: dict[str, Any] = {
