@@ -68,7 +68,8 @@ class OptimizeResult:
         return ExitCode(self.report.exit_code)
 
     def save(self, path: str | Path, *, external_data: bool | None = None) -> list[Path]:
-        """Write the model atomically (external data beside it when over 2 GB)."""
+        """Write the model atomically (external data beside it when over 2 GB or when the
+        model was read with external data)."""
         written = gir.save(self.model, path, external_data=external_data)
         self.report.output = str(path)
         return written

@@ -366,6 +366,11 @@ def _external_base_dirs(model: ir.Model) -> dict[str, str]:
     return bases
 
 
+def external_dirs(model: ir.Model) -> set[str]:
+    """The folders the model's external tensors are read from (empty: none is external)."""
+    return set(_external_base_dirs(model).values())
+
+
 def fingerprint(model: ir.Model | onnx.ModelProto) -> str:
     """A stable sha256 of the model's serialized form (graph and weights)."""
     proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
@@ -382,12 +387,16 @@ def save(
         model: the model to write.
         path: destination ``.onnx`` path.
         external_data: True to store weights in ``<name>.data`` beside the model; None
-            (default) does so only when the weights would pass protobuf's 2 GiB limit.
+            (default) does so when the weights would pass protobuf's 2 GiB limit or the
+            model already keeps weights in external data (read from its data file, they
+            are not loaded into memory to be written inline).
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(
+            _external_base_dirs(model)
+        )
     written: list[Path] = []
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)

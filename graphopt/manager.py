@@ -34,7 +34,7 @@ from graphopt.passes import Pass, PassResult, Tolerance
 from graphopt.pipeline import PassSpec, format_pipeline
 from graphopt.plugins import Registry
 from graphopt.report import PassRecord
-from graphopt.validate import Check, Validator, io_signature, structural
+from graphopt.validate import Check, Validator, io_signature, keeps_external, structural
 
 __all__ = ["ManagerOptions", "PassManager"]
 
@@ -311,10 +311,9 @@ class PassManager:
             return Check(False, reason or "cannot serialize")
         if not numeric or self.validator is None:
             return Check(True)
-        # a large model goes to onnxruntime as files with external data, not as one proto
-        large = gir.weight_bytes(candidate) > gir.EXTERNAL_DATA_THRESHOLD
+        # a model with external weights goes to onnxruntime with them left in their files
         return self.validator.check(
-            candidate if large else proto,
+            candidate if keeps_external(candidate) else proto,
             tolerance,
             previous,
             after_lossy=after_lossy,

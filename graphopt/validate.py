@@ -19,6 +19,7 @@ comparison measures graphopt's rewrites, not onnxruntime's, and is deterministic
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import re
@@ -112,8 +113,10 @@ class Runner:
     def session(self, model: ir.Model | onnx.ModelProto) -> Any:
         """An InferenceSession for the model; raises RuntimeError with onnxruntime's text.
 
-        A model whose weights pass protobuf's 2 GiB limit is handed to onnxruntime as a
-        file with external data in a temporary folder (it cannot be serialized whole).
+        A model whose weights are in external data files (read so, or past protobuf's
+        2 GiB limit) is handed over with its tensors left in those files, which
+        onnxruntime maps; where they are in several folders, or in-memory tensors pass
+        2 GiB, the model is written with external data to a temporary folder instead.
         """
         opts = self._ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -125,9 +128,19 @@ class Runner:
             else self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
         try:
-            if isinstance(model, ir.Model) and _large(model):
-                with tempfile.TemporaryDirectory(prefix="graphopt-session-") as folder:
-                    path = Path(folder) / "model.onnx"
+            if isinstance(model, ir.Model) and keeps_external(model):
+                # external weights stay in their files: onnxruntime maps them itself
+                folder = _external_folder(model)
+                proto = gir.to_proto(model, inline_external=False)
+                if folder is not None and proto.ByteSize() < _PROTO_LIMIT:
+                    opts.add_session_config_entry(
+                        "session.model_external_initializers_file_folder_path", folder
+                    )
+                    return self._ort.InferenceSession(
+                        proto.SerializeToString(), opts, providers=self.providers
+                    )
+                with tempfile.TemporaryDirectory(prefix="graphopt-session-") as tmp:
+                    path = Path(tmp) / "model.onnx"
                     gir.save(model, path, external_data=True)
                     return self._ort.InferenceSession(str(path), opts, providers=self.providers)
             proto = model if isinstance(model, onnx.ModelProto) else gir.to_proto(model)
@@ -204,6 +217,21 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def _large(model: ir.Model) -> bool:
     return gir.weight_bytes(model) > gir.EXTERNAL_DATA_THRESHOLD
+
+
+_PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message past 2 GiB
+
+
+def keeps_external(model: ir.Model) -> bool:
+    """Whether checks must leave the model's weights in their files (past 2 GiB they cannot
+    be serialized inline; a model read with external data is not copied into memory)."""
+    return _large(model) or bool(gir.external_dirs(model))
+
+
+def _external_folder(model: ir.Model) -> str | None:
+    """The one folder all the model's external tensors are read from, if there is one."""
+    dirs = gir.external_dirs(model)
+    return str(Path(next(iter(dirs))).resolve()) if len(dirs) == 1 else None
 
 
 def _numeric(x: Any) -> bool:
@@ -437,15 +465,19 @@ def structural(
         what = changed[0] if changed else f"{len(sig)} instead of {len(signature)}"
         return f"graph inputs/outputs changed ({what})", None
     try:
-        large = _large(model)
-        proto = gir.to_proto(model, inline_external=not large)
+        external = keeps_external(model)
+        proto = gir.to_proto(model, inline_external=not external)
     except Exception as e:
         return f"cannot serialize: {gir.first_line(e)}", None
     try:
-        # a model past 2 GiB keeps its weights external; the checker cannot take it whole
-        # (onnxruntime still loads it, from files, for the numeric check)
-        if not large:
+        if not external:
             onnx.checker.check_model(proto)
+        elif (folder := _external_folder(model)) is not None and proto.ByteSize() < _PROTO_LIMIT:
+            # the checker finds external data files from the working directory
+            with contextlib.chdir(folder):
+                onnx.checker.check_model(proto)
+        # else: weights in several folders, or in-memory tensors past 2 GiB: no checker
+        # (onnxruntime still loads the model, from files, for the numeric check)
     except Exception as e:
         return f"ONNX checker: {gir.first_line(e)}", proto
     return None, proto
