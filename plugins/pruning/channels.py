@@ -20,7 +20,8 @@ budget on the validation inputs, which should be a held-out evaluation set):
    calibration/evaluation gap keep room -- when built from one half's statistics and run as
    deployed (onnxruntime optimizations on) on the *other* half, both ways (2-fold
    cross-fitting: the refit never sees the samples that judge it; on small calibration
-   sets the in-sample error is far too optimistic, e.g. MiniLM).
+   sets the in-sample error is far too optimistic, e.g. MiniLM). ``folds=k``: k parts,
+   each check built from k - 1 of them and run on the last, every part once.
 5. ``recovery=auto``: the best allocation is re-checked with *sequential* recovery (each
    sink refitted, in graph order, on what it sees in the model pruned so far); if that
    held-out error is lower, a few more bisection steps (``push_steps``) look for a larger
@@ -245,7 +246,14 @@ class PruneChannels(graphopt.Pass):
         "crossfit": graphopt.Option(
             bool,
             True,
-            "check candidates on calibration samples their statistics never saw (2-fold)",
+            "check candidates on calibration samples their statistics never saw",
+        ),
+        "folds": graphopt.Option(
+            int,
+            2,
+            "cross-fitting folds: each check builds the candidate from all but one part of "
+            "the calibration set and runs it on that part (more folds: fits closer to the "
+            "final one, which sees every sample; one build per fold per check)",
         ),
         "max_samples": graphopt.Option(int, 32, "calibration samples used for statistics"),
         "sens_samples": graphopt.Option(int, 8, "samples per sensitivity measurement"),
@@ -320,12 +328,14 @@ class PruneChannels(graphopt.Pass):
             len(active),
         )
 
-        # statistics and channel orders: per fold (for held-out checks) and on everything
-        cross = cfg["crossfit"] and len(feeds) >= 4
-        fold_a, fold_b = (feeds[0::2], feeds[1::2]) if cross else (feeds, feeds)
+        # statistics and channel orders: per fit (for held-out checks) and on everything.
+        # k-fold cross-fitting: fit j is built from every part but part (j + 1) % k and
+        # checked on that part (k = 2: fit 0 on the even samples, checked on the odd ones)
+        k_folds = max(2, cfg["folds"])
+        cross = cfg["crossfit"] and len(feeds) >= 2 * k_folds
+        parts = [feeds[i::k_folds] for i in range(k_folds)] if cross else [feeds]
 
-        def prepare(part: list[Feed]) -> tuple[dict, dict[int, np.ndarray], dict[int, str]]:
-            st = collect_stats(model, active, part, masked=cfg["masked_weight"])
+        def rank(st: dict) -> tuple[dict, dict[int, np.ndarray], dict[int, str]]:
             orders, methods = {}, {}
             for g in active:
                 orders[g.id], methods[g.id] = channel_order(
@@ -333,22 +343,28 @@ class PruneChannels(graphopt.Pass):
                 )
             return st, orders, methods
 
-        fits = [prepare(fold_a), prepare(fold_b)] if cross else []
+        def merged(sts: Sequence[dict]) -> dict:
+            out = sts[0]
+            for st in sts[1:]:
+                out = merge_stats(out, st)
+            return out
+
         if cross:
-            st_all = merge_stats(fits[0][0], fits[1][0])
-            orders_all, methods = {}, {}
-            for g in active:
-                orders_all[g.id], methods[g.id] = channel_order(
-                    model,
-                    g,
-                    st_all,
-                    cfg["importance"],
-                    ridge=cfg["ridge"],
-                    upto=cfg["max_ratio"],
-                )
+            part_st = [collect_stats(model, active, p, masked=cfg["masked_weight"]) for p in parts]
+            held = [(j + 1) % k_folds for j in range(k_folds)]
+            fits = [
+                rank(merged([st for i, st in enumerate(part_st) if i != held[j]]))
+                for j in range(k_folds)
+            ]
+            checks = [parts[h] for h in held]
+            trains = [[f for i, p in enumerate(parts) if i != h for f in p] for h in held]
+            st_all, orders_all, methods = rank(merged(part_st))
         else:
-            st_all, orders_all, methods = prepare(feeds)
+            st_all, orders_all, methods = rank(
+                collect_stats(model, active, feeds, masked=cfg["masked_weight"])
+            )
             fits = [(st_all, orders_all, methods)] * 2
+            checks, trains = [feeds], [feeds]
         t_stats = time.perf_counter() - t0
         stats["seconds_statistics"] = round(t_stats, 1)
 
@@ -384,8 +400,7 @@ class PruneChannels(graphopt.Pass):
             return cand, plan, counts
 
         ev = Evaluator(ctx, model)
-        checks = (fold_b, fold_a)  # fold b checks the model fitted on a, and vice versa
-        sens = fold_b[: max(1, cfg["sens_samples"])]
+        sens = checks[0][: max(1, cfg["sens_samples"])]
 
         def heldout(
             kept: Mapping[int, int], deployed: bool, sequential: bool = False
@@ -396,8 +411,7 @@ class PruneChannels(graphopt.Pass):
                 if sequential
                 else ("lsq" if recovery in ("auto", "sequential") else recovery)
             )
-            folds = (fold_a, fold_b) if cross else (feeds,)
-            for (st, orders, _), check, own in zip(fits, checks if cross else (feeds,), folds):
+            for (st, orders, _), check, own in zip(fits, checks, trains):
                 cand, _, _ = build(kept, st, orders, how, own)
                 got = ev.run(cand, check, deployed=deployed)
                 if got is None:
@@ -563,6 +577,7 @@ class PruneChannels(graphopt.Pass):
                 **metrics_dict(held),
                 "samples": len(feeds),
                 "crossfit": cross,
+                "folds": k_folds if cross else 1,
                 "recovery": recovery,
             }
 

@@ -28,6 +28,18 @@ from graphopt.bench import bench_pair
 CORPUS = Path.home() / ".cache" / "graphopt" / "models"
 
 
+_NOTES = (
+    "groups_prunable",
+    "groups_small",
+    "seconds_statistics",
+    "seconds_sensitivity",
+    "groups_not_probed_time_limit",
+    "sequential_skipped",
+    "sequential_vs_lsq_nsr",
+    "importance_auto",
+)
+
+
 def _worst(metrics: dict[str, Any]) -> tuple[float, float]:
     cos = min((m.get("cosine", 1.0) for m in metrics.values()), default=1.0)
     cmin = min((m.get("cosine_min", 1.0) for m in metrics.values()), default=1.0)
@@ -68,6 +80,8 @@ def measure(
         "heldout_calib": st.get("heldout_check"),
         "optimize_s": round(seconds, 1),
         "reason": prune.get("reason") or st.get("reason", ""),
+        # where the search's time went and what the time limit cut short
+        "search_notes": {k: st[k] for k in _NOTES if k in st},
     }
     # the pass's own result on the evaluation set (also when the manager rolled it back)
     final = prune.get("metrics") or (rep.get("final") or {}).get("metrics") or {}
