@@ -374,21 +374,10 @@ class _Dispatch:
                 found.sort()
         return found
 
-    def any_candidate(self, model: ir.Model) -> bool:
+    def any_candidate(self, graphs: Iterable[ir.Graph]) -> bool:
         if self.unkeyed:
             return True
-        return any(
-            self.candidates(n)
-            for g in gir.iter_graphs(model.graph)
-            for n in g
-            if n.op_type in self.by_root
-        ) or any(
-            self.candidates(n)
-            for f in model.functions.values()
-            for g in gir.iter_graphs(f.graph)
-            for n in g
-            if n.op_type in self.by_root
-        )
+        return any(self.candidates(n) for g in graphs for n in g if n.op_type in self.by_root)
 
     def try_rewrite(
         self, model: ir.Model, graph: Any, node: ir.Node, *, verbose: Any = None,
@@ -403,19 +392,32 @@ class _Dispatch:
         return None
 
 
-def _has_candidate(rule_set: RewriteRuleSet, model: ir.Model) -> bool:
+@dataclass
+class _Graphs:
+    """A model's graphs, listed once: ``gir.iter_graphs`` walks every node to find the
+    subgraphs, and a pass asks for them many times (100k nodes: ~30 ms a walk). Rules do
+    not create If/Loop/Scan nodes, so the list holds while they run; a graph they orphan
+    stays listed, which only costs a quick rejection."""
+
+    main: list[ir.Graph]  # the main graph and its subgraphs
+    all: list[ir.Graph]  # those and the function bodies (with their subgraphs)
+
+    @classmethod
+    def of(cls, model: ir.Model) -> _Graphs:
+        main = list(gir.iter_graphs(model.graph))
+        bodies = [g for f in model.functions.values() for g in gir.iter_graphs(f.graph)]
+        return cls(main, main + bodies)
+
+
+def _has_candidate(rule_set: RewriteRuleSet, graphs: Iterable[ir.Graph]) -> bool:
     """Whether some node passes a rule's quick rejection (so matching may find something)."""
-    return any(
-        not isinstance(r, _Dispatch) or r.any_candidate(model) for r in rule_set.rules
-    )
+    graphs = list(graphs)
+    return any(not isinstance(r, _Dispatch) or r.any_candidate(graphs) for r in rule_set.rules)
 
 
-def op_types(model: ir.Model) -> set[str]:
-    """Every op type in the model: its graphs, subgraphs and functions."""
-    found = {n.op_type for g in gir.iter_graphs(model.graph) for n in g}
-    for f in model.functions.values():
-        found.update(n.op_type for g in gir.iter_graphs(f.graph) for n in g)
-    return found
+def op_types(graphs: Iterable[ir.Graph]) -> set[str]:
+    """Every op type in the graphs (``_Graphs.all``: graphs, subgraphs and functions)."""
+    return {n.op_type for g in graphs for n in g}
 
 
 # --------------------------------------------------------------------------- near-miss tracer
@@ -522,39 +524,42 @@ class FusionPass(graphopt.Pass):
 
     def _prepare(
         self, model: ir.Model, ctx: PassContext
-    ) -> tuple[Env, list[FusionRule], bool, set[str]]:
+    ) -> tuple[Env, list[FusionRule], bool, _Graphs, set[str]]:
         """The active rules, whether one of them may apply at all (only then is the model
-        made ready for them: shapes, constant values), and the model's op types."""
+        made ready for them: shapes, constant values), the model's graphs and op types."""
         env = Env(model, ctx)
         rules = self._active_rules(env)
-        present = op_types(model)
+        graphs = _Graphs.of(model)
+        present = op_types(graphs.all)
         sets = [rs for rs in (r.rule_set(present) for r in rules) if rs is not None]
-        live = any(_has_candidate(rs, model) for rs in sets)
+        live = any(_has_candidate(rs, graphs.all) for rs in sets)
         if live:
             if self.needs_shapes:
-                _infer_shapes(model)
-            for g in gir.iter_graphs(model.graph):
+                _infer_shapes(model, graphs)
+            for g in graphs.main:
                 onnxscript.optimizer.basic_constant_propagation(g)
-        return env, rules, live, present
+        return env, rules, live, graphs, present
 
     def run(self, model: ir.Model, ctx: PassContext) -> graphopt.PassResult:
-        _env, rules, live, present = self._prepare(model, ctx)
+        _env, rules, live, graphs, present = self._prepare(model, ctx)
         counts = {r.name: 0 for r in rules}
         if not live:
             return graphopt.PassResult(modified=False, stats=counts)
-        before_nodes, before_inits, constants = _inventory(model)
+        before_nodes, before_inits, constants = _inventory(graphs.main)
         names = {r.name for r in rules}
-        # ``present`` is kept equal to op_types(model) after every change (a superset after
-        # _drop_identities, which only costs a quick rejection): one walk per change
+        # ``graphs`` and ``present`` are listed again after every change (a rule may add a
+        # function); ``present`` is a superset after _drop_identities, which only costs a
+        # quick rejection
         for _ in range(self.max_rounds):
             changed = 0
             for r in rules:
                 rule_set = r.rule_set(present)
-                if rule_set is None or not _has_candidate(rule_set, model):
+                if rule_set is None or not _has_candidate(rule_set, graphs.all):
                     continue
                 n = rule_set.apply_to_model(model)
                 if n:
-                    present = op_types(model)
+                    graphs = _Graphs.of(model)
+                    present = op_types(graphs.all)
                 counts[r.name] += n
                 changed += n
             if not changed:
@@ -562,10 +567,10 @@ class FusionPass(graphopt.Pass):
             # the Identity a rule left (Transpose pair cancelled) would hide the next
             # round's matches (Squeeze -> Identity -> Unsqueeze)
             if "Identity" in present:
-                _drop_identities(model, names)
+                _drop_identities(graphs.main, names)
         total = sum(counts.values())
         if total:
-            _drop_orphans(constants + _created_constants(model, before_nodes, before_inits))
+            _drop_orphans(constants + _created_constants(graphs.main, before_nodes, before_inits))
         return graphopt.PassResult(modified=total > 0, stats=counts)
 
     def explain(self, model: ir.Model, ctx: PassContext) -> list[dict[str, Any]]:
@@ -575,7 +580,7 @@ class FusionPass(graphopt.Pass):
         """
         work = model.clone()
         result = self.run(work, ctx)
-        _env, rules, _live, _present = self._prepare(work, ctx)
+        _env, rules, _live, _graphs, _present = self._prepare(work, ctx)
         owners: dict[int, FusionRule] = {}
         for r in rules:
             for v in r.variants():
@@ -637,12 +642,12 @@ def _summarize(
 # --------------------------------------------------------------------------- housekeeping
 
 
-def _infer_shapes(model: ir.Model) -> None:
+def _infer_shapes(model: ir.Model, graphs: _Graphs) -> None:
     """Merge onnx shape inference results into the model's values (best effort)."""
     from onnx_ir.passes.common import ShapeInferencePass
 
     with contextlib.suppress(Exception):  # inference is an optimization aid only
-        if model.functions or any(g is not model.graph for g in gir.iter_graphs(model.graph)):
+        if model.functions or len(graphs.main) > 1:
             ShapeInferencePass(strict_mode=False, data_prop=True)(model)
         else:
             _infer_shapes_flat(model)
@@ -690,7 +695,7 @@ def _infer_shapes_flat(model: ir.Model) -> None:
 
 
 def _inventory(
-    model: ir.Model,
+    graphs: Iterable[ir.Graph],
 ) -> tuple[set[int], set[int], list[tuple[ir.Graph, ir.Value]]]:
     """In one walk: the ids of the nodes and of the initializers there are now, and the
     initializers and Constant outputs that something uses now (candidates to drop later,
@@ -698,7 +703,7 @@ def _inventory(
     nodes: set[int] = set()
     inits: set[int] = set()
     in_use = []
-    for g in gir.iter_graphs(model.graph):
+    for g in graphs:
         for v in g.initializers.values():
             inits.add(id(v))
             if v.uses() and not v.is_graph_input() and not v.is_graph_output():
@@ -713,12 +718,12 @@ def _inventory(
 
 
 def _created_constants(
-    model: ir.Model, before_nodes: set[int], before_inits: set[int]
+    graphs: Iterable[ir.Graph], before_nodes: set[int], before_inits: set[int]
 ) -> list[tuple[ir.Graph, ir.Value]]:
     """Initializers and Constant outputs the rewrites created (a later rewrite of the same
     run may have orphaned them: BN folded into a Conv, then a Mul folded into that)."""
     out = []
-    for g in gir.iter_graphs(model.graph):
+    for g in graphs:
         out += [(g, v) for v in g.initializers.values() if id(v) not in before_inits]
         out += [
             (g, n.outputs[0]) for n in g if n.op_type == "Constant" and id(n) not in before_nodes
@@ -738,10 +743,10 @@ def _drop_orphans(candidates: Iterable[tuple[ir.Graph, ir.Value]]) -> None:
             del g.initializers[v.name]
 
 
-def _drop_identities(model: ir.Model, rule_names: set[str]) -> None:
+def _drop_identities(graphs: Iterable[ir.Graph], rule_names: set[str]) -> None:
     """Remove the Identity nodes the pass's rules created (Transpose∘Transpose that cancel,
     Cast to the same type, ...) unless their output is a graph output."""
-    for g in gir.iter_graphs(model.graph):
+    for g in graphs:
         for node in list(g):
             if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
                 continue
