@@ -102,21 +102,18 @@ SAMPLE: list[tuple[str, str]] = [
     ("simple", "test_expand_shape_model1"),
     ("simple", "test_sequence_model4"),
     ("simple", "test_single_relu_model"),
-    # known failures (KNOWN below)
+    # cases that failed once (each fixed since; KNOWN below pins any new one)
     ("node", "test_split_to_sequence_1"),  # was a crash of onnxscript's folder (contained)
     ("node", "test_if_opt"),  # was a crash of onnx_ir's CSE (contained)
     ("node", "test_string_concat"),  # was a crash (string outputs), fixed in 9ee4a00
     ("node", "test_attention_3d_expanded"),  # was not idempotent: presets run to a fixpoint
     ("node", "test_causal_conv_with_state_silu_expanded"),  # was Swish at opset 25 (no kernel)
     ("pytorch-converted", "test_PixelShuffle"),  # was: IR 3 model, lifted initializers
-    ("simple", "test_sequence_model5"),
+    ("simple", "test_sequence_model5"),  # was: folder emitted opset-13 Unsqueeze at opset 11
 ]
 
 # Known failures, pinned so a fix turns them into XPASS (strict): case -> reason.
-KNOWN: dict[str, str] = {
-    "test_sequence_model5": "fold-constants (onnxscript folder) emits Unsqueeze with an axes "
-    "input in an opset-11 model; the checker rejects it -> rolled back",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _params(level: int) -> list[object]:
@@ -243,11 +240,10 @@ def test_deterministic_across_processes(cache: Path):
 
 
 # Failure classes of the full corpus that are known (see KNOWN and docs/reliability.md):
-# (result group, words of the reason). Anything else fails test_full_corpus.
-KNOWN_CLASSES = [
-    ("pass crashed (contained): fold-constants", "(::SplitToSequence)"),
-    ("pass crashed (contained): cse", "unhashable type: 'TypeAndShape'"),
-]
+# (result group, words of the reason). Anything else fails test_full_corpus. The two
+# classes the last full run found (fold-constants on SplitToSequence, cse on a TYPE_PROTO
+# attribute) are fixed since 2026-11-30.
+KNOWN_CLASSES: list[tuple[str, str]] = []
 
 
 @pytest.mark.slow

@@ -36,6 +36,9 @@ Our own code around the folder:
   back to the public ``fold_constants()`` (correct, just quadratic on deep chains). The
   subclass also leaves SplitToSequence with a non-constant 'split' alone, which makes the
   library's folder raise.
+* The folder writes Split / Squeeze / Unsqueeze / Reduce* with their axes as an input even
+  in models of an opset where that was still an attribute; we put a constant one back as
+  the attribute (``_attribute_forms``).
 * We check the graph's input and output names are unchanged (the folder renames a value
   when it inlines an If branch or forwards an Identity).
 
@@ -119,6 +122,47 @@ SHAPE_READERS = frozenset({
 })
 
 
+#: op -> (its input that was an attribute before, the attribute's name, the first opset of
+#: the input form)
+_INPUT_SINCE = {
+    "Squeeze": (1, "axes", 13),
+    "Unsqueeze": (1, "axes", 13),
+    "Split": (1, "split", 13),
+    "ReduceSum": (1, "axes", 13),
+    **{
+        op: (1, "axes", 18)
+        for op in ("ReduceMax", "ReduceMin", "ReduceMean", "ReduceProd", "ReduceL1",
+                   "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+    },
+}  # fmt: skip
+
+
+def _attribute_forms(model: ir.Model) -> int:
+    """onnxscript's folder emits Split / Squeeze / Unsqueeze / Reduce* in their current
+    form, with the axes as an input, even in a model of an older opset, where the checker
+    rejects them (ONNX test simple/test_sequence_model5, opset 11). Put a constant axes
+    input back as the attribute of the model's opset; the nodes changed. Ours."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset >= 13 or not opset:
+        return 0
+    changed = 0
+    for graph in gir.iter_graphs(model.graph):
+        for node in graph:
+            form = _INPUT_SINCE.get(node.op_type)
+            if form is None or node.domain not in ("", "ai.onnx") or opset >= form[2]:
+                continue
+            index, name, _ = form
+            if len(node.inputs) <= index or node.inputs[index] is None:
+                continue
+            value = node.inputs[index].const_value
+            if value is None or name in node.attributes:
+                continue
+            node.attributes[name] = ir.AttrInt64s(name, [int(v) for v in value.numpy().ravel()])
+            node.resize_inputs(index)
+            changed += 1
+    return changed
+
+
 def _initializers_to_constants(model: ir.Model) -> None:
     """Below IR version 4 every initializer must also be a graph input: turn the ones the
     folder made (not graph inputs) into Constant nodes, which are legal there. Ours."""
@@ -200,6 +244,8 @@ class FoldConstants(graphopt.Pass):
         infer = self.config["shape_inference"] and not before.op_types.isdisjoint(SHAPE_READERS)
         modified = _fold(model, shape_inference=infer, size_limit=limit)
         check_io_names(before_io, model, "onnxscript's constant folder")
+        if modified:
+            _attribute_forms(model)
         if model.ir_version < 4:
             _initializers_to_constants(model)
         folded = _scan(model)

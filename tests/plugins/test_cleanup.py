@@ -972,3 +972,34 @@ def test_cse_leaves_type_proto_nodes_alone_and_merges_the_rest():
     kept = [n for n in out.graph if n.op_type == "Optional"]
     assert [list(n.attributes) for n in kept] == [["type"], ["type"]]
     assert_numerics_preserved(m, out, EXACT)
+
+
+def test_fold_constants_puts_opset_13_axes_inputs_back_as_attributes_in_older_models():
+    """onnxscript's folder writes Unsqueeze/Squeeze/Split/Reduce* with their axes as an
+    input even at opset 11; a constant one goes back to the attribute form there."""
+    from graphopt_plugins.cleanup.fold_constants import _attribute_forms
+
+    x = ir.Value(name="x", shape=ir.Shape([2, 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    g = ir.Graph(
+        inputs=[x],
+        outputs=[],
+        nodes=[],
+        opset_imports={"": 11},
+    )
+    axes = ir.Value(name="axes", const_value=ir.tensor(np.array([0], np.int64), name="axes"))
+    g.register_initializer(axes)
+    dynamic = ir.Value(name="dyn", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]))
+    g.inputs.append(dynamic)
+    u = ir.Node("", "Unsqueeze", [x, axes], outputs=[ir.Value(name="u")])
+    keepdims = [ir.AttrInt64("keepdims", 0)]
+    r = ir.Node("", "ReduceMean", [u.outputs[0], axes], keepdims, outputs=[ir.Value(name="r")])
+    kept = ir.Node("", "Unsqueeze", [x, dynamic], outputs=[ir.Value(name="k")])
+    for n in (u, r, kept):
+        g.append(n)
+    g.outputs.extend([r.outputs[0], kept.outputs[0]])
+    m = ir.Model(g, ir_version=6)
+    assert _attribute_forms(m) == 2
+    assert [len(n.inputs) for n in (u, r, kept)] == [1, 1, 2]  # a non-constant one stays
+    assert list(u.attributes["axes"].as_ints()) == [0] == list(r.attributes["axes"].as_ints())
+    m.opset_imports[""] = 13
+    assert _attribute_forms(m) == 0  # Unsqueeze takes the input form from opset 13
