@@ -36,11 +36,14 @@ log = logging.getLogger("graphopt")
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    from graphopt import ir as gir
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        gir.as_new_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

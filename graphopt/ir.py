@@ -378,6 +378,14 @@ def fingerprint(model: ir.Model | onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
+def as_new_file(path: str | os.PathLike[str]) -> None:
+    """Give a temporary file (``mkstemp`` makes it 0600) the mode a new file gets, so that
+    an output renamed over its destination is as readable as one written directly."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save(
     model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None
 ) -> list[Path]:
@@ -414,6 +422,7 @@ def save(
                 f.write(proto.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+        as_new_file(tmp)
         os.replace(tmp, dest)
         written.insert(0, dest)
     finally:

@@ -157,6 +157,10 @@ def test_run_writes_output_and_report(cli, tmp_path: Path):
     assert result.exit_code == 0, result.stderr
     assert sha256(src) == before
     assert listing(tmp_path) == ["mlp.onnx", "mlp.opt.onnx", "report.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for written in (out, report_path):  # as readable as any new file, not 0600
+        assert written.stat().st_mode & 0o777 == 0o666 & ~mask, written
     report = json.loads(report_path.read_text())
     assert report.keys() >= REPORT_KEYS
     assert report["pipeline"] == "test.noop{k=2,mode=b},test.rename"  # canonical

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -476,6 +477,10 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     assert onnx.load(out).SerializeToString() == r.model_proto.SerializeToString()
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
     assert r.report.output == str(out)
+    # the mode of a new file (the temporary file it was renamed from is 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_passes_after_a_lossy_one_are_held_to_the_lossy_model():
