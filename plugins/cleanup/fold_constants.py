@@ -141,7 +141,8 @@ def _attribute_forms(model: ir.Model) -> int:
     """onnxscript's folder emits Split / Squeeze / Unsqueeze / Reduce* in their current
     form, with the axes as an input, even in a model of an older opset, where the checker
     rejects them (ONNX test simple/test_sequence_model5, opset 11). Put a constant axes
-    input back as the attribute of the model's opset; the nodes changed. Ours."""
+    input back as the attribute of the model's opset; returns how many nodes changed.
+    Ours."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset >= 13 or not opset:
         return 0
