@@ -105,6 +105,9 @@ class PassManager:
         self.validator = validator
         self.options = options or ManagerOptions()
         self.progress = progress
+        #: the numeric check of the model the last run() returned, when its last commit
+        #: was measured on the validation feeds (the final measure can reuse it)
+        self.measured: Check | None = None
 
     # ------------------------------------------------------------------ helpers
     def _requirement_gap(self, p: Pass, model: ir.Model) -> str | None:
@@ -162,6 +165,7 @@ class PassManager:
         was a no-op on, in any round or at any position.
         """
         current = model if consume else model.clone()
+        self.measured = None
         signature = io_signature(model)
         previous: list[Feed] | None = None
         if self.validator is not None:
@@ -269,6 +273,7 @@ class PassManager:
                     node.metadata_props[TAG] = p.name
                 current = candidate
                 commits += 1
+                self.measured = check if check.outputs is not None else None
                 if check.outputs is not None and exact and after_lossy:
                     plain = check.outputs  # deployed outputs are unchanged by definition
                 elif check.outputs is not None:

@@ -440,6 +440,7 @@ class Check:
     reason: str = ""
     metrics: dict[str, OutputMetrics] = field(default_factory=dict)
     outputs: list[Feed] | None = None
+    deployed: bool = False  # the outputs are from a run with onnxruntime's optimizations on
 
 
 def io_signature(model: ir.Model) -> list[tuple[str, str, str]]:
@@ -548,7 +549,7 @@ class Validator:
             outs = runner.run(model, list(feeds) if feeds is not None else self.feeds)
         except RuntimeError as e:
             return Check(False, f"onnxruntime cannot run it: {e}")
-        return Check(True, metrics=compare(reference, outs), outputs=outs)
+        return Check(True, metrics=compare(reference, outs), outputs=outs, deployed=deployed)
 
     _MAX_REFERENCES = 8
 
