@@ -14,6 +14,8 @@ outputs.
 * Opset imports: onnx_ir's ``RemoveUnusedOpsetsPass`` (domains no node uses; the default
   domain always stays). It only looks at main-graph nodes for the model's imports, so our
   code puts back any model import a (kept) function body still uses.
+* A model without functions whose initializers and imports are all in use is left alone
+  after one walk (``_nothing_to_remove``), the usual case in the cleanup band.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ def _remove_unused_initializers(model: ir.Model) -> int:
     return removed
 
 
+def _nothing_to_remove(model: ir.Model) -> bool:
+    """True for a model without functions whose initializers are all used (or graph inputs
+    or outputs) and whose every opset import but the default one is used by a node: the
+    three removals would find nothing (one walk instead of the libraries' two)."""
+    if model.functions:
+        return False
+    graphs = list(gir.iter_graphs(model.graph))
+    for graph in graphs:
+        for value in graph.initializers.values():
+            if not (value.uses() or value.is_graph_input() or value.is_graph_output()):
+                return False
+    used = {""} | {node.domain for graph in graphs for node in graph}
+    return set(model.opset_imports) <= used
+
+
 def _function_domains(model: ir.Model) -> set[str]:
     domains = set()
     for function in model.functions.values():
@@ -59,6 +76,10 @@ class RemoveUnusedInitializers(graphopt.Pass):
     order = (50, 940)
 
     def run(self, model: ir.Model, ctx: graphopt.PassContext) -> graphopt.PassResult:
+        if _nothing_to_remove(model):
+            return graphopt.PassResult(modified=False, stats={
+                "initializers_removed": 0, "functions_removed": [],
+                "opset_imports_removed": [], "function_opset_imports_trimmed": 0})
         before_io = io_names(model)
         initializers = _remove_unused_initializers(model)
         functions_before = set(model.functions)

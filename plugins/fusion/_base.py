@@ -688,8 +688,8 @@ def _infer_shapes_flat(model: ir.Model) -> None:
                 if tensor_type.HasField("shape")
                 else None
             )
-            if shape is not None and value.shape != shape:
-                value.shape = shape
+            if shape is not None and (value.shape is None or value.shape != shape):
+                value.shape = shape  # (None != shape costs a reflected Shape.__eq__)
             if tensor_type.elem_type and value.dtype != tensor_type.elem_type:
                 value.dtype = ir.DataType(tensor_type.elem_type)
 

@@ -852,12 +852,14 @@ def test_optimize_onnxsim_pipeline_on_cnn(registry):
 import graphopt_plugins.cleanup.cse as cse_mod  # noqa: E402
 import graphopt_plugins.cleanup.dce as dce_mod  # noqa: E402
 import graphopt_plugins.cleanup.eliminate_identity as identity_mod  # noqa: E402
+import graphopt_plugins.cleanup.remove_unused_initializers as unused_mod  # noqa: E402
 import graphopt_plugins.cleanup.topo_sort as topo_mod  # noqa: E402
 
 _SHORTCUTS = [
     (DeadCodeElimination, dce_mod, "_nothing_dead"),
     (TopologicalSort, topo_mod, "_already_sorted"),
     (CommonSubexpressionElimination, cse_mod, "_no_twins"),
+    (RemoveUnusedInitializers, unused_mod, "_nothing_to_remove"),
 ]
 
 
@@ -869,6 +871,9 @@ def _shortcut_cases() -> dict[str, onnx.ModelProto]:
         [node("Relu", ["x"], ["y"]), node("Neg", ["x"], ["dead"])], [x], [y]
     )
     cases["unused initializer"] = model([node("Relu", ["x"], ["y"])], [x], [y], [one])
+    cases["unused opset import"] = model(
+        [node("Relu", ["x"], ["y"])], [x], [y], extra_opsets={"com.microsoft": 1}
+    )
     cases["unused optional output"] = model(
         [node("Dropout", ["x"], ["y", "mask"])], [x], [y]
     )
@@ -938,6 +943,9 @@ def test_shortcuts_fire_on_a_clean_model_and_not_on_a_dirty_one():
     assert dce_mod._nothing_dead(clean)
     assert topo_mod._already_sorted(clean)
     assert cse_mod._no_twins([clean.graph])
+    assert unused_mod._nothing_to_remove(clean)
+    assert not unused_mod._nothing_to_remove(to_ir(cases["unused initializer"]))
+    assert not unused_mod._nothing_to_remove(to_ir(cases["unused opset import"]))
     assert not dce_mod._nothing_dead(to_ir(cases["dead node"]))
     assert not dce_mod._nothing_dead(to_ir(cases["unused initializer"]))
     assert not dce_mod._nothing_dead(to_ir(cases["unused optional output"]))
