@@ -311,14 +311,16 @@ class PassManager:
         after_lossy: bool,
         plain: list[Feed] | None = None,
     ) -> Check:
-        reason, proto = structural(candidate, signature)
-        if reason is not None or proto is None:
-            return Check(False, reason or "cannot serialize")
+        reason, data = structural(candidate, signature)
+        if reason is not None:
+            return Check(False, reason)
         if not numeric or self.validator is None:
             return Check(True)
-        # a model with external weights goes to onnxruntime with them left in their files
+        # a model with external weights goes to onnxruntime with them left in their files;
+        # any other as the bytes the checker read
+        external = keeps_external(candidate)
         return self.validator.check(
-            candidate if keeps_external(candidate) else proto,
+            candidate if external or data is None else data,
             tolerance,
             previous,
             after_lossy=after_lossy,

@@ -110,7 +110,7 @@ class Runner:
             [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         )
 
-    def session(self, model: ir.Model | onnx.ModelProto) -> Any:
+    def session(self, model: ir.Model | onnx.ModelProto | bytes) -> Any:
         """An InferenceSession for the model; raises RuntimeError with onnxruntime's text.
 
         A model whose weights are in external data files (read so, or past protobuf's
@@ -131,18 +131,18 @@ class Runner:
             if isinstance(model, ir.Model) and keeps_external(model):
                 # external weights stay in their files: onnxruntime maps them itself
                 folder = _external_folder(model)
-                proto = gir.to_proto(model, inline_external=False)
-                if folder is not None and proto.ByteSize() < _PROTO_LIMIT:
+                data = _serialized(gir.to_proto(model, inline_external=False))
+                if folder is not None and data is not None:
                     opts.add_session_config_entry(
                         "session.model_external_initializers_file_folder_path", folder
                     )
-                    return self._ort.InferenceSession(
-                        proto.SerializeToString(), opts, providers=self.providers
-                    )
+                    return self._ort.InferenceSession(data, opts, providers=self.providers)
                 with tempfile.TemporaryDirectory(prefix="graphopt-session-") as tmp:
                     path = Path(tmp) / "model.onnx"
                     gir.save(model, path, external_data=True)
                     return self._ort.InferenceSession(str(path), opts, providers=self.providers)
+            if isinstance(model, bytes):  # already serialized (structural() did)
+                return self._ort.InferenceSession(model, opts, providers=self.providers)
             proto = model if isinstance(model, onnx.ModelProto) else gir.to_proto(model)
             return self._ort.InferenceSession(
                 proto.SerializeToString(), opts, providers=self.providers
@@ -150,7 +150,7 @@ class Runner:
         except Exception as e:
             raise RuntimeError(_ort_message(e)) from e
 
-    def run(self, model: ir.Model | onnx.ModelProto, feeds: Sequence[Feed]) -> list[Feed]:
+    def run(self, model: ir.Model | onnx.ModelProto | bytes, feeds: Sequence[Feed]) -> list[Feed]:
         """Run every feed; returns one ``{output name: array}`` per feed."""
         sess = self.session(model)
         names = [o.name for o in sess.get_outputs()]
@@ -219,7 +219,14 @@ def _large(model: ir.Model) -> bool:
     return gir.weight_bytes(model) > gir.EXTERNAL_DATA_THRESHOLD
 
 
-_PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message past 2 GiB
+def _serialized(proto: onnx.ModelProto) -> bytes | None:
+    """The proto's bytes, None past protobuf's 2 GiB (trying costs no more than asking
+    ``ByteSize()``, which walks the whole message too)."""
+    try:
+        data: bytes = proto.SerializeToString()
+    except Exception:
+        return None
+    return data
 
 
 def keeps_external(model: ir.Model) -> bool:
@@ -457,9 +464,10 @@ def io_signature(model: ir.Model) -> list[tuple[str, str, str]]:
 
 def structural(
     model: ir.Model, signature: list[tuple[str, str, str]]
-) -> tuple[str | None, onnx.ModelProto | None]:
+) -> tuple[str | None, bytes | None]:
     """None if the model is well-formed with the given IO signature, else the reason;
-    also the serialized proto (reused for the numeric check)."""
+    also the serialized model (what the checker read; reused for the numeric check), None
+    where it cannot be one message (in-memory tensors past 2 GiB)."""
     sig = io_signature(model)
     if sig != signature:
         changed = [a for a, b in zip(sig, signature) if a != b]
@@ -470,18 +478,22 @@ def structural(
         proto = gir.to_proto(model, inline_external=not external)
     except Exception as e:
         return f"cannot serialize: {gir.first_line(e)}", None
+    data = _serialized(proto)
+    if data is None and not external:
+        return "cannot serialize: the model is over protobuf's 2 GiB", None
     try:
         if not external:
-            onnx.checker.check_model(proto)
-        elif (folder := _external_folder(model)) is not None and proto.ByteSize() < _PROTO_LIMIT:
+            assert data is not None  # returned above otherwise
+            onnx.checker.check_model(data)
+        elif (folder := _external_folder(model)) is not None and data is not None:
             # the checker finds external data files from the working directory
             with contextlib.chdir(folder):
-                onnx.checker.check_model(proto)
+                onnx.checker.check_model(data)
         # else: weights in several folders, or in-memory tensors past 2 GiB: no checker
         # (onnxruntime still loads the model, from files, for the numeric check)
     except Exception as e:
-        return f"ONNX checker: {gir.first_line(e)}", proto
-    return None, proto
+        return f"ONNX checker: {gir.first_line(e)}", data
+    return None, data
 
 
 def feeds_fingerprint(feeds: Sequence[Feed]) -> str:
@@ -528,7 +540,7 @@ class Validator:
     # numeric ----------------------------------------------------------------
     def measure(
         self,
-        model: ir.Model | onnx.ModelProto,
+        model: ir.Model | onnx.ModelProto | bytes,
         *,
         deployed: bool = False,
         feeds: Sequence[Feed] | None = None,
@@ -568,7 +580,7 @@ class Validator:
 
     def check(
         self,
-        model: ir.Model | onnx.ModelProto,
+        model: ir.Model | onnx.ModelProto | bytes,
         tolerance: Tolerance,
         previous: Sequence[Feed] | None = None,
         *,

@@ -83,3 +83,23 @@ def test_measure_on_other_feeds_and_as_deployed():
     deployed = v.measure(model, deployed=True)
     assert deployed.ok and deployed.metrics["logits"].cosine > 0.99999
     assert not np.array_equal(other[0]["input"], v.feeds[0]["input"])
+
+
+def test_structural_hands_the_checked_bytes_to_onnxruntime():
+    """structural() returns the bytes the checker read; a session takes them as they are
+    (a weight-heavy model is serialized once per check, not twice)."""
+    from pathlib import Path
+
+    from graphopt import ir as gir
+    from graphopt.validate import Runner, io_signature, structural
+
+    model = gir.load(Path(__file__).resolve().parent.parent / "fixtures" / "cnn.onnx")
+    reason, data = structural(model, io_signature(model))
+    assert reason is None and isinstance(data, bytes)
+    assert data == gir.to_proto(model).SerializeToString()
+    feeds = [{"input": np.ones((1, 3, 32, 32), np.float32)}]
+    (from_bytes,) = Runner("cpu").run(data, feeds)
+    (from_model,) = Runner("cpu").run(model, feeds)
+    assert from_bytes.keys() == from_model.keys()
+    for name in from_model:
+        np.testing.assert_array_equal(from_bytes[name], from_model[name])
