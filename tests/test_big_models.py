@@ -98,7 +98,7 @@ def test_chain_time_grows_linearly(chain_timings):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="-O1 still runs at ~0.4 ms/node (100k nodes: 39-42 s, 13.4-14.9 s of it in the "
+    reason="-O1 still runs at ~0.35 ms/node (100k nodes: 35-42 s, 11.2-14.9 s of it in the "
     "passes, not 10 s; 2026-11-30): onnx shape inference round trips through protobuf, "
     "onnxscript's folder visits every node, the onnxruntime load check, a model.clone() per "
     "applied pass; see docs/scale.md",
@@ -161,7 +161,7 @@ def test_the_final_measure_reuses_the_last_commits_check(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="-O1 on the 100k-node chain spends 13.4-14.9 s in the passes (2026-11-30; "
+    reason="-O1 on the 100k-node chain spends 11.2-14.9 s in the passes (2026-11-30; "
     "fuse-reshape-chains 5-6 s, fold-constants 3.3-3.7 + 1.4 s), not < 10 s: see docs/scale.md",
 )
 def test_chain_100k_under_10s(tmp_path: Path):
