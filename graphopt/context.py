@@ -33,6 +33,10 @@ class PassContext:
             has no ``--calibration`` data.
         cache_dir: a folder where passes may keep caches (calibration statistics, ...).
         logger: the pass's logger; progress on long work goes here.
+        model_bytes: the model handed to ``run()``, serialized, when the manager has that
+            at hand (the bytes its last check produced; only for models of modest size),
+            else None. It describes the model as handed over: a pass may use it before it
+            changes the model (e.g. for onnx shape inference), never after.
     """
 
     target: str = "cpu"
@@ -43,6 +47,7 @@ class PassContext:
     cache_dir: str | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt.pass"))
     extras: dict[str, Any] = field(default_factory=dict)
+    model_bytes: bytes | None = None
 
     @property
     def allows_contrib_ops(self) -> bool:

@@ -40,6 +40,9 @@ __all__ = ["ManagerOptions", "PassManager"]
 
 log = logging.getLogger(__name__)
 
+#: the largest serialized model the manager keeps for the next passes (``ctx.model_bytes``)
+SNAPSHOT_BYTES = 64 << 20
+
 Feed = dict[str, np.ndarray]
 TAG = "graphopt.pass"
 
@@ -166,6 +169,7 @@ class PassManager:
         """
         current = model if consume else model.clone()
         self.measured = None
+        snapshot: bytes | None = None  # ``current`` serialized, when a check produced it
         signature = io_signature(model)
         previous: list[Feed] | None = None
         if self.validator is not None:
@@ -221,12 +225,14 @@ class PassManager:
                     candidate = current.clone()
                     before_nodes = _nodes(candidate)
                 spare = None
+                self.ctx.model_bytes = snapshot  # the model as handed to the pass
                 start = time.perf_counter()
                 try:
                     result = _call_with_timeout(
                         functools.partial(p.run, candidate, self.ctx), self.options.pass_timeout
                     )
                 except Exception as e:
+                    self.ctx.model_bytes = None
                     rec.seconds = time.perf_counter() - start
                     kind = "timed out" if isinstance(e, _Timeout) else "raised"
                     rec.status = "failed"
@@ -236,6 +242,7 @@ class PassManager:
                     rec.repro = self._write_repro(index, p, current, rec.reason)
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
+                self.ctx.model_bytes = None  # stale once the pass has run
                 rec.seconds = time.perf_counter() - start
                 if not isinstance(result, PassResult):
                     rec.status = "failed"
@@ -255,7 +262,11 @@ class PassManager:
                     # the model before the pass, run as written (once per commit)
                     assert self.validator is not None
                     plain = self.validator.measure(current).outputs
-                check = self._check(
+                # tag what this pass created (a rewriter may have copied an older tag over);
+                # before the check, whose bytes then describe the model as committed
+                for node in _nodes(candidate) - before_nodes:
+                    node.metadata_props[TAG] = p.name
+                check, data = self._check(
                     candidate, signature, p.tolerance, previous, numeric, after_lossy, plain
                 )
                 if check.metrics:
@@ -268,12 +279,12 @@ class PassManager:
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 # commit
-                # tag what this pass created (a rewriter may have copied an older tag over)
-                for node in _nodes(candidate) - before_nodes:
-                    node.metadata_props[TAG] = p.name
                 current = candidate
                 commits += 1
                 self.measured = check if check.outputs is not None else None
+                # the committed model, serialized, for the next passes (held until the
+                # next commit, so only when small)
+                snapshot = data if data is not None and len(data) <= SNAPSHOT_BYTES else None
                 if check.outputs is not None and exact and after_lossy:
                     plain = check.outputs  # deployed outputs are unchanged by definition
                 elif check.outputs is not None:
@@ -310,22 +321,24 @@ class PassManager:
         numeric: bool,
         after_lossy: bool,
         plain: list[Feed] | None = None,
-    ) -> Check:
+    ) -> tuple[Check, bytes | None]:
+        """The check of a candidate, and its serialized form (None when it has none)."""
         reason, data = structural(candidate, signature)
         if reason is not None:
-            return Check(False, reason)
+            return Check(False, reason), None
         if not numeric or self.validator is None:
-            return Check(True)
+            return Check(True), data
         # a model with external weights goes to onnxruntime with them left in their files;
         # any other as the bytes the checker read
         external = keeps_external(candidate)
-        return self.validator.check(
+        check = self.validator.check(
             candidate if external or data is None else data,
             tolerance,
             previous,
             after_lossy=after_lossy,
             previous_plain=plain,
         )
+        return check, data
 
     def _report(self, index: int, total: int, rec: PassRecord) -> None:
         if self.progress is not None:

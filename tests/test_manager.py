@@ -525,3 +525,37 @@ def test_exact_passes_after_a_lossy_one_compare_plain_runs(monkeypatch):
         ("t.same", "applied"),
     ]  # fmt: skip
     assert jitter["n"] >= 1
+
+
+def test_a_pass_sees_the_committed_model_serialized_and_only_while_it_runs():
+    seen = []
+
+    def look(self, model, ctx):
+        seen.append((ctx.model_bytes, gir.to_proto(model).SerializeToString()))
+        return graphopt.PassResult(False)
+
+    def scale(self, model, ctx):  # and a new node, which the manager tags
+        _scale_weights(model, 1 + 1e-6)
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        model.graph.append(ir.Node("", "Identity", [relu.outputs[0]], name="extra"))
+        return graphopt.PassResult(True)
+
+    ctx_holder = []
+
+    def keep(self, model, ctx):
+        ctx_holder.append(ctx)
+        return graphopt.PassResult(False)
+
+    r = opt(
+        "t.look1,t.scale,t.look2,t.keep",
+        make_pass("t.look1", body=look, faithful_noop=True),
+        make_pass("t.scale", body=scale),
+        make_pass("t.look2", body=look, faithful_noop=True),
+        make_pass("t.keep", body=keep, faithful_noop=True),
+    )
+    assert statuses(r)[1] == ("t.scale", "applied")
+    (first, _), (second, model_now) = seen
+    assert first is None  # nothing committed yet: the manager has no bytes of it
+    assert second == model_now  # the committed model, exactly as handed to the pass
+    assert b"extra" in second and b"graphopt.pass" in second  # its new node, tagged
+    assert ctx_holder[0].model_bytes is None  # cleared once the pass has run

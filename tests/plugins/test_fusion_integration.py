@@ -145,3 +145,24 @@ def test_quick_rejection_finds_every_match_the_full_matcher_finds(name, monkeypa
     assert fast == slow
     if name in ("cnn", "mlp", "transformer", "constant_weights"):  # not vacuous
         assert any(v for stats in fast.values() for v in stats.values() if isinstance(v, int))
+
+
+@pytest.mark.parametrize("name", ["cnn.onnx", "transformer.onnx", "dynamic_batch.onnx"])
+def test_shape_inference_from_the_managers_bytes_sets_the_same_shapes(name: str):
+    """Fusion's shape inference reads ``ctx.model_bytes`` when the manager has them: the
+    same shapes and dtypes as from a fresh serialization, and no reordering."""
+    from graphopt_plugins.fusion._base import _infer_shapes_flat
+
+    model = gir.load(FIXTURES / name)
+    data = gir.to_proto(model).SerializeToString()
+    a, b = model.clone(), model.clone()
+    _infer_shapes_flat(a, data)
+    _infer_shapes_flat(b)
+
+    def shapes(m):
+        values = [v for n in m.graph for v in n.outputs]
+        return {v.name: (v.shape, v.dtype) for v in values}
+
+    assert shapes(a) == shapes(b)
+    assert sum(s is not None for s, _ in shapes(a).values()) > 0
+    assert list(a.graph.initializers) == list(model.graph.initializers)
