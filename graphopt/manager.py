@@ -323,14 +323,14 @@ class PassManager:
         plain: list[Feed] | None = None,
     ) -> tuple[Check, bytes | None]:
         """The check of a candidate, and its serialized form (None when it has none)."""
-        reason, data = structural(candidate, signature)
+        external = keeps_external(candidate)
+        reason, data = structural(candidate, signature, external=external)
         if reason is not None:
             return Check(False, reason), None
         if not numeric or self.validator is None:
             return Check(True), data
         # a model with external weights goes to onnxruntime with them left in their files;
         # any other as the bytes the checker read
-        external = keeps_external(candidate)
         check = self.validator.check(
             candidate if external or data is None else data,
             tolerance,

@@ -463,18 +463,20 @@ def io_signature(model: ir.Model) -> list[tuple[str, str, str]]:
 
 
 def structural(
-    model: ir.Model, signature: list[tuple[str, str, str]]
+    model: ir.Model, signature: list[tuple[str, str, str]], *, external: bool | None = None
 ) -> tuple[str | None, bytes | None]:
     """None if the model is well-formed with the given IO signature, else the reason;
     also the serialized model (what the checker read; reused for the numeric check), None
-    where it cannot be one message (in-memory tensors past 2 GiB)."""
+    where it cannot be one message (in-memory tensors past 2 GiB). ``external``:
+    ``keeps_external(model)`` when the caller has it already (two walks of the model)."""
     sig = io_signature(model)
     if sig != signature:
         changed = [a for a, b in zip(sig, signature) if a != b]
         what = changed[0] if changed else f"{len(sig)} instead of {len(signature)}"
         return f"graph inputs/outputs changed ({what})", None
-    try:
+    if external is None:
         external = keeps_external(model)
+    try:
         proto = gir.to_proto(model, inline_external=not external)
     except Exception as e:
         return f"cannot serialize: {gir.first_line(e)}", None
