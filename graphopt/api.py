@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import ir as gir
+from graphopt._gc import fewer_full_collections
 from graphopt.context import TARGETS, PassContext
 from graphopt.data import input_specs, load_feeds, shape_map, synthesize
 from graphopt.errors import ExitCode, InputError, PluginError, UsageError
@@ -117,6 +118,7 @@ def _unknown_with_failures(specs: Sequence[PassSpec], registry: Registry) -> Non
         )
 
 
+@fewer_full_collections()  # full GCs walk every IR object: see graphopt/_gc.py
 def optimize(
     model: ModelLike,
     *,

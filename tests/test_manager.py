@@ -559,3 +559,33 @@ def test_a_pass_sees_the_committed_model_serialized_and_only_while_it_runs():
     assert second == model_now  # the committed model, exactly as handed to the pass
     assert b"extra" in second and b"graphopt.pass" in second  # its new node, tagged
     assert ctx_holder[0].model_bytes is None  # cleared once the pass has run
+
+
+def test_full_collections_are_rarer_during_optimize_and_restored_after():
+    """graphopt/_gc.py: a full GC walks every IR object; optimize() raises only the
+    full-collection threshold while it runs, and puts the caller's back."""
+    import gc
+
+    from graphopt import _gc
+
+    before = gc.get_threshold()
+    seen: list[tuple[int, ...]] = []
+
+    def spy(self, model, ctx):
+        seen.append(gc.get_threshold())
+        return graphopt.PassResult(False)
+
+    opt("t.spy", make_pass("t.spy", body=spy), validate="none")
+    assert seen == [(before[0], before[1], _gc.FULL_EVERY)]
+    assert gc.get_threshold() == before
+    with _gc.fewer_full_collections():  # nested and concurrent users share one change
+        with _gc.fewer_full_collections():
+            assert gc.get_threshold()[2] == _gc.FULL_EVERY
+        assert gc.get_threshold()[2] == _gc.FULL_EVERY
+    assert gc.get_threshold() == before
+    gc.set_threshold(0)  # a program that turned the collector off keeps it off
+    try:
+        with _gc.fewer_full_collections():
+            assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
