@@ -937,6 +937,83 @@ def test_shortcut_changes_nothing_the_library_would_do(case, cleaned, monkeypatc
         )
 
 
+def _folding_cases() -> dict[str, onnx.ModelProto]:
+    """The shortcut cases plus what the folder's own fast path must get right: an
+    Identity forwarding a constant to an op without an evaluator (which then folds), an
+    op without an evaluator on a graph input, and Constant nodes to lift."""
+    x, y = vi("x", [2, 4]), vi("y", [2, 4])
+    one = init("one", np.ones((2, 4), np.float32))
+    cases = dict(_shortcut_cases())
+    cases["identity forwards a constant"] = model(
+        [
+            node("Identity", ["one"], ["c"]),
+            node("Neg", ["c"], ["n"]),
+            node("Relu", ["x"], ["r"]),
+            node("Mul", ["r", "n"], ["y"]),
+        ],
+        [x],
+        [y],
+        [one],
+    )
+    cases["constant node chain"] = model(
+        [
+            helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(
+                np.full((2, 4), 2.0, np.float32), "k")),
+            node("Tanh", ["k"], ["t"]),
+            node("Sub", ["x", "t"], ["y"]),
+        ],
+        [x],
+        [y],
+    )
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(_folding_cases()))
+@pytest.mark.parametrize("shape_inference", [False, True], ids=["no-inference", "inference"])
+def test_folder_fast_path_changes_nothing_the_library_would_do(case, shape_inference,
+                                                               monkeypatch):
+    """fold-constants answers "the library would only forward this node's inputs" itself,
+    and skips onnx_ir's constant lifting when no Constant node is left: same bytes."""
+    import graphopt_plugins.cleanup.fold_constants as fold_mod
+
+    m = _folding_cases()[case]
+    got, got_result = run_pass(FoldConstants(shape_inference=shape_inference), m)
+    with monkeypatch.context() as patched:
+        patched.setattr(fold_mod._LINEAR_FOLDER, "_only_forwards", lambda self, node: False)
+        scan = fold_mod._scan
+
+        def all_ops(model, **kw):  # the lifting always runs
+            result = scan(model, **kw)
+            result.op_types.add("Constant")
+            return result
+
+        patched.setattr(fold_mod, "_scan", all_ops)
+        want, want_result = run_pass(FoldConstants(shape_inference=shape_inference), m)
+    assert got_result.modified == want_result.modified
+    assert got_result.stats == want_result.stats
+    assert gir.to_proto(got).SerializeToString() == gir.to_proto(want).SerializeToString()
+
+
+def test_folder_fast_path_fires_on_ops_without_an_evaluator():
+    import graphopt_plugins.cleanup.fold_constants as fold_mod
+
+    calls = []
+    library = fold_mod._LibraryFolder.process_node
+
+    def counted(self, node, is_function):
+        calls.append(node.op_type)
+        return library(self, node, is_function)
+
+    m = _folding_cases()["identity forwards a constant"]
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(fold_mod._LibraryFolder, "process_node", counted)
+        out, result = run_pass(FoldConstants(shape_inference=False), m)
+    assert result.modified and counts(out) == Counter({"Relu": 1, "Mul": 1})
+    # Relu and Mul read x: answered by the fast path; Identity (an evaluator) and Neg
+    # (constant once the Identity forwards) went to the library
+    assert sorted(calls) == ["Identity", "Neg"]
+
+
 def test_shortcuts_fire_on_a_clean_model_and_not_on_a_dirty_one():
     cases = _shortcut_cases()
     clean = to_ir(_cleaned(fixture("cnn.onnx")))
