@@ -40,7 +40,14 @@ from graphopt.pipeline import (
 )
 from graphopt.plugins import Registry, load_registry
 from graphopt.report import PassRecord, Report
-from graphopt.validate import Budget, Runner, Validator, parse_budget
+from graphopt.validate import (
+    Budget,
+    Runner,
+    Validator,
+    keeps_external,
+    parse_budget,
+    serialized,
+)
 
 __all__ = ["OptimizeResult", "optimize"]
 
@@ -244,6 +251,7 @@ def optimize(
     _check_shape_names(shapes_given, specs_in)
     validator = None
     warnings: list[str] = []
+    loaded: bytes | None = None  # ir_model serialized for the load check, if it was
     try:
         if validate != "none" and passes:
             feeds = _feeds(inputs, specs_in, "inputs")
@@ -255,8 +263,11 @@ def optimize(
                         "with held-out data for a meaningful budget"
                     )
             validator = Validator(ir_model, feeds, runner, rtol=rtol, atol=atol, budget=budget)
-        else:
+        elif keeps_external(ir_model):
             runner.session(ir_model)  # even unvalidated, the model must load in onnxruntime
+        else:
+            loaded = serialized(gir.to_proto(ir_model, inline_external=False))
+            runner.session(loaded if loaded is not None else ir_model)
     except RuntimeError as e:
         raise InputError(
             f"onnxruntime cannot run {source}: {e}{_name_node(ir_model, str(e))}",
@@ -296,7 +307,10 @@ def optimize(
     # stays untouched) and no validator keeps: the manager may work on it directly
     # instead of on a copy (a clone costs ~20 µs a node)
     consume = validator is None and isinstance(model, str | Path | onnx.ModelProto)
-    result_model, records = manager.run(ir_model, passes, rounds=rounds, consume=consume)
+    # (then the bytes of the load check also stand for the model the first pass gets)
+    result_model, records = manager.run(
+        ir_model, passes, rounds=rounds, consume=consume, snapshot=loaded if consume else None
+    )
 
     report = Report(
         pipeline=format_pipeline(specs),

@@ -27,6 +27,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "FreshNames",
     "count_nodes",
+    "drop_dead_uses",
     "fingerprint",
     "iter_graphs",
     "load",
@@ -283,6 +284,36 @@ def iter_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
 _GRAPH, _GRAPHS = ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS
 
 
+def drop_dead_uses(model: ir.Model) -> int:
+    """Detach nodes no longer in the model from the values they still list as read.
+
+    onnx_ir records on each value the nodes that read it; a library that drops a node
+    without clearing its inputs (onnxscript's constant folder, when it inlines or replaces
+    nodes) leaves it listed, and use-based analyses (dead code, unused initializers) then
+    count it as live. ``model.clone()`` rebuilds the lists from the nodes; this repairs
+    them in place in one walk (~0.2 s on a 100k-node graph, a clone ~3 s). A node counts
+    as live when it belongs to the main graph, a subgraph of it or a function body (a
+    node of an orphaned subgraph, such as an inlined If branch, does not). Returns the
+    number of uses dropped. Ours: onnx_ir has no such pass.
+    """
+    graphs: list[ir.Graph] = list(iter_graphs(model.graph))
+    for function in model.functions.values():
+        graphs.extend(iter_graphs(function.graph))
+    live = {id(g) for g in graphs}
+    dead: list[tuple[ir.Node, int]] = []
+    for graph in graphs:
+        values: list[ir.Value] = [*graph.inputs, *graph.initializers.values()]
+        for node in graph:
+            values.extend(node.outputs)
+        for value in values:
+            for use in value.uses():
+                if id(use.node.graph) not in live:
+                    dead.append((use.node, use.idx))
+    for node, index in dead:
+        node.replace_input_with(index, None)
+    return len(dead)
+
+
 class FreshNames:
     """Names no value or node of a model uses, reserved as they are handed out (the names
     in use are collected on the first request, subgraphs included)."""
@@ -324,8 +355,10 @@ def count_nodes(model: ir.Model) -> int:
 def to_proto(model: ir.Model, *, inline_external: bool = True) -> onnx.ModelProto:
     """Serialize to a ModelProto; by default external tensors are read in (small models)."""
     proto = ir.serde.serialize_model(model)
-    if inline_external:
-        bases: dict[str, str] | None = None
+    # the model's external tensors, found in onnx_ir (a walk of the proto's nodes in
+    # Python costs ~3 s at 100k nodes): none, nothing to read in
+    bases = _external_base_dirs(model) if inline_external else {}
+    if bases:
         for graph in _iter_proto_graphs(proto.graph):
             # Constant-node tensors too: onnx.save_model(convert_attribute=True) moves them out.
             tensors = list(graph.initializer)
@@ -337,8 +370,6 @@ def to_proto(model: ir.Model, *, inline_external: bool = True) -> onnx.ModelProt
                         tensors.extend(attr.tensors)
             for tensor in tensors:
                 if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    if bases is None:
-                        bases = _external_base_dirs(model)
                     info = {e.key: e.value for e in tensor.external_data}
                     base = bases.get(info.get("location", ""), ".")
                     onnx.external_data_helper.load_external_data_for_tensor(tensor, base)

@@ -1,11 +1,21 @@
-"""Runs a pipeline: requirements -> clone -> run -> checks -> commit or roll back.
+"""Runs a pipeline: requirements -> working copy -> run -> checks -> commit or roll back.
 
-Each pass runs on ``model.clone()``, a structural copy whose tensors are shared with the
+A pass runs on ``model.clone()``, a structural copy whose tensors are shared with the
 committed model (onnx_ir clones nodes and values, never weight buffers). Committing makes
 the clone the current model; rolling back drops it. Either way no weight bytes are
 copied, and a pass that crashes half-way cannot leave a torn model behind. A clone costs
-~20 µs a node, so the copy a ``faithful_noop`` pass left unchanged (it said no-op) is
-handed to the next pass instead of cloning again.
+~20-30 µs a node (3 s at 100k nodes), so a ``faithful_noop`` pass is spared it:
+
+* when the manager holds the committed model's bytes (the last check serialized it, or
+  the caller's load check did; models up to ``SNAPSHOT_BYTES``, no external data), the
+  pass works on the committed model itself, and a failure (it raised, timed out,
+  returned junk or broke a check) restores the model from those bytes;
+* otherwise the copy a faithful no-op pass left unchanged is handed to the next pass
+  instead of cloning again.
+
+Either way, after a pass that changed the model, nodes the pass removed without
+detaching them are taken off the use lists of the values they read
+(:func:`graphopt.ir.drop_dead_uses`), which a clone used to do by rebuilding them.
 
 A pass whose result fails validation, raises, returns something that is not a
 :class:`PassResult`, or runs past ``pass_timeout`` is recorded with its figures and
@@ -26,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from graphopt import ir as gir
@@ -156,10 +167,20 @@ class PassManager:
 
     # ------------------------------------------------------------------ the loop
     def run(
-        self, model: ir.Model, passes: Sequence[Pass], *, rounds: int = 1, consume: bool = False
+        self,
+        model: ir.Model,
+        passes: Sequence[Pass],
+        *,
+        rounds: int = 1,
+        consume: bool = False,
+        snapshot: bytes | None = None,
     ) -> tuple[ir.Model, list[PassRecord]]:
         """Run ``passes`` over a working copy of ``model``; ``model`` itself is not changed
         unless ``consume`` (then it may be, and it is no longer the caller's).
+
+        ``snapshot``: ``model`` serialized, without external data references, when the
+        caller has it (the passes then see it as ``ctx.model_bytes``, and faithful passes
+        may work on ``model`` in place from the first one, restored from it on failure).
 
         With ``rounds`` > 1 the pipeline runs again, up to that many times in all, while the
         previous round applied a pass (presets: so that a second run of graphopt on its own
@@ -169,7 +190,11 @@ class PassManager:
         """
         current = model if consume else model.clone()
         self.measured = None
-        snapshot: bytes | None = None  # ``current`` serialized, when a check produced it
+        # ``current`` serialized, when a check produced it (or the caller had it)
+        if snapshot is not None and (not consume or len(snapshot) > SNAPSHOT_BYTES):
+            snapshot = None
+        snapshot_external = False  # ... with references to external data files
+        current_nodes: set[ir.Node] | None = None  # _nodes(current), once computed
         signature = io_signature(model)
         previous: list[Feed] | None = None
         if self.validator is not None:
@@ -218,9 +243,22 @@ class PassManager:
                     rec.status, rec.reason = "skipped", gap
                     self._report(index, len(schedule), rec)
                     continue
+                exact = p.tolerance is Tolerance.EXACT
+                # a faithful pass works on the committed model itself when its bytes are
+                # at hand to restore it from (and the check needs no run of it as it was)
+                in_place = (
+                    p.faithful_noop
+                    and snapshot is not None
+                    and not snapshot_external
+                    and not (exact and after_lossy and numeric and plain is None)
+                )
                 # a working copy left unchanged by a faithful no-op pass serves the next pass
                 if spare is not None:
                     candidate, before_nodes = spare
+                elif in_place:
+                    if current_nodes is None:
+                        current_nodes = _nodes(current)
+                    candidate, before_nodes = current, current_nodes
                 else:
                     candidate = current.clone()
                     before_nodes = _nodes(candidate)
@@ -239,6 +277,8 @@ class PassManager:
                     rec.reason = f"{kind} {type(e).__name__}: {' '.join(str(e).split())[:300]}"
                     if not isinstance(e, _Timeout):
                         log.debug("pass %s raised:\n%s", p.name, traceback.format_exc())
+                    if candidate is current:  # half-changed (or still changing: timeout)
+                        current, current_nodes = _restore(snapshot), None
                     rec.repro = self._write_repro(index, p, current, rec.reason)
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
@@ -247,26 +287,32 @@ class PassManager:
                 if not isinstance(result, PassResult):
                     rec.status = "failed"
                     rec.reason = f"run() returned {type(result).__name__}, not graphopt.PassResult"
+                    if candidate is current:
+                        current, current_nodes = _restore(snapshot), None
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 rec.stats = dict(result.stats)
                 if not result.modified:
-                    if p.faithful_noop:
+                    if p.faithful_noop and candidate is not current:
                         spare = candidate, before_nodes
                     noop_at[_identity(p)] = commits
                     rec.status = "no-op"
                     self._report(index, len(schedule), rec)
                     continue
-                exact = p.tolerance is Tolerance.EXACT
+                # a library may leave removed nodes listed as users of the values they
+                # read (onnxscript's folder): the next pass, working in place, would see
+                # them as live (a clone used to rebuild the lists)
+                gir.drop_dead_uses(candidate)
                 if exact and after_lossy and numeric and plain is None:
                     # the model before the pass, run as written (once per commit)
                     assert self.validator is not None
                     plain = self.validator.measure(current).outputs
                 # tag what this pass created (a rewriter may have copied an older tag over);
                 # before the check, whose bytes then describe the model as committed
-                for node in _nodes(candidate) - before_nodes:
+                after_nodes = _nodes(candidate)
+                for node in after_nodes - before_nodes:
                     node.metadata_props[TAG] = p.name
-                check, data = self._check(
+                check, data, external = self._check(
                     candidate, signature, p.tolerance, previous, numeric, after_lossy, plain
                 )
                 if check.metrics:
@@ -275,16 +321,19 @@ class PassManager:
                     rec.status, rec.reason = "rolled-back", check.reason
                     rec.nodes_after = gir.count_nodes(candidate)
                     rec.bytes_after = gir.weight_bytes(candidate)
+                    if candidate is current:
+                        current, current_nodes = _restore(snapshot), None
                     rec.repro = self._write_repro(index, p, current, check.reason)
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 # commit
-                current = candidate
+                current, current_nodes = candidate, after_nodes
                 commits += 1
                 self.measured = check if check.outputs is not None else None
                 # the committed model, serialized, for the next passes (held until the
                 # next commit, so only when small)
                 snapshot = data if data is not None and len(data) <= SNAPSHOT_BYTES else None
+                snapshot_external = external
                 if check.outputs is not None and exact and after_lossy:
                     plain = check.outputs  # deployed outputs are unchanged by definition
                 elif check.outputs is not None:
@@ -321,14 +370,15 @@ class PassManager:
         numeric: bool,
         after_lossy: bool,
         plain: list[Feed] | None = None,
-    ) -> tuple[Check, bytes | None]:
-        """The check of a candidate, and its serialized form (None when it has none)."""
+    ) -> tuple[Check, bytes | None, bool]:
+        """The check of a candidate, its serialized form (None when it has none) and
+        whether that refers to external data files."""
         external = keeps_external(candidate)
         reason, data = structural(candidate, signature, external=external)
         if reason is not None:
-            return Check(False, reason), None
+            return Check(False, reason), None, external
         if not numeric or self.validator is None:
-            return Check(True), data
+            return Check(True), data, external
         # a model with external weights goes to onnxruntime with them left in their files;
         # any other as the bytes the checker read
         check = self.validator.check(
@@ -338,11 +388,18 @@ class PassManager:
             after_lossy=after_lossy,
             previous_plain=plain,
         )
-        return check, data
+        return check, data, external
 
     def _report(self, index: int, total: int, rec: PassRecord) -> None:
         if self.progress is not None:
             self.progress(index, total, rec)
+
+
+def _restore(snapshot: bytes | None) -> ir.Model:
+    """The committed model again, from its bytes (a pass that worked in place on it
+    failed)."""
+    assert snapshot is not None  # in-place work needs them
+    return ir.serde.deserialize_model(onnx.ModelProto.FromString(snapshot))
 
 
 def _identity(p: Pass) -> tuple[str, str]:

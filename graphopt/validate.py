@@ -131,7 +131,7 @@ class Runner:
             if isinstance(model, ir.Model) and keeps_external(model):
                 # external weights stay in their files: onnxruntime maps them itself
                 folder = _external_folder(model)
-                data = _serialized(gir.to_proto(model, inline_external=False))
+                data = serialized(gir.to_proto(model, inline_external=False))
                 if folder is not None and data is not None:
                     opts.add_session_config_entry(
                         "session.model_external_initializers_file_folder_path", folder
@@ -219,7 +219,7 @@ def _large(model: ir.Model) -> bool:
     return gir.weight_bytes(model) > gir.EXTERNAL_DATA_THRESHOLD
 
 
-def _serialized(proto: onnx.ModelProto) -> bytes | None:
+def serialized(proto: onnx.ModelProto) -> bytes | None:
     """The proto's bytes, None past protobuf's 2 GiB (trying costs no more than asking
     ``ByteSize()``, which walks the whole message too)."""
     try:
@@ -477,10 +477,11 @@ def structural(
     if external is None:
         external = keeps_external(model)
     try:
-        proto = gir.to_proto(model, inline_external=not external)
+        # not external: the model has no external tensor (keeps_external), none to read in
+        proto = gir.to_proto(model, inline_external=False)
     except Exception as e:
         return f"cannot serialize: {gir.first_line(e)}", None
-    data = _serialized(proto)
+    data = serialized(proto)
     if data is None and not external:
         return "cannot serialize: the model is over protobuf's 2 GiB", None
     try:

@@ -188,10 +188,16 @@ def test_faithful_no_op_hands_its_copy_to_the_next_pass(monkeypatch):
 
     faithful = [make_pass(f"t.f{i}", body=look, faithful_noop=True) for i in range(3)]
     opt("t.f0,t.f1,t.f2", *faithful, validate="none")
-    # one working copy shared by the three no-op passes (the model optimize() loaded from
-    # the path, unvalidated, is not copied first: nothing else needs it)
+    # the model optimize() loaded from the path, unvalidated, is worked on in place: its
+    # bytes from the load check restore it if a pass fails
     assert len(set(seen)) == 1
-    assert clones["n"] == 1
+    assert clones["n"] == 0
+    # validated, the manager copies the model it was given, and has no bytes of it yet:
+    # one working copy, shared by the three no-op passes
+    seen.clear()
+    opt("t.f0,t.f1,t.f2", *faithful)
+    assert len(set(seen)) == 1
+    assert clones["n"] == 2
 
     seen.clear()
     plain = [make_pass(f"t.p{i}", body=look) for i in range(3)]
@@ -589,3 +595,78 @@ def test_full_collections_are_rarer_during_optimize_and_restored_after():
             assert gc.get_threshold()[0] == 0
     finally:
         gc.set_threshold(*before)
+
+
+def _breaks(kind):
+    """A faithful pass that changes the model, then fails in one of the ways the manager
+    contains."""
+
+    def body(self, model, ctx):
+        _scale_weights(model, 100.0)
+        model.graph.append(ir.Node("", "Identity", [model.graph.inputs[0]], name="stray"))
+        if kind == "raises":
+            raise RuntimeError("half-way")
+        if kind == "times out":
+            time.sleep(1.0)
+            _scale_weights(model, 7.0)  # after the manager gave up on it
+            return graphopt.PassResult(True)
+        if kind == "returns junk":
+            return "done"
+        model.graph.outputs[0].name = "renamed"  # "rolled back": the IO check fails
+        return graphopt.PassResult(True)
+
+    return make_pass("t.break", body=body, faithful_noop=True)
+
+
+@pytest.mark.parametrize("kind", ["raises", "times out", "returns junk", "rolled back"])
+@pytest.mark.parametrize("validate", ["none", "each"])
+def test_a_faithful_pass_in_place_that_fails_leaves_the_committed_model(
+    kind, validate, monkeypatch
+):
+    """After a commit the manager has the model's bytes; a faithful pass then works on the
+    committed model itself (no clone), and any failure restores it from those bytes."""
+    clones = {"n": 0}
+    real_clone = ir.Model.clone
+
+    def counting_clone(self):
+        clones["n"] += 1
+        return real_clone(self)
+
+    scale = make_pass("t.scale", T.APPROXIMATE, 1 + 1e-6)
+    want = opt("t.scale", scale, validate=validate)
+    monkeypatch.setattr(ir.Model, "clone", counting_clone)
+    got = opt(
+        "t.scale,t.break,t.scale2",
+        scale,
+        _breaks(kind),
+        make_pass("t.scale2", T.APPROXIMATE, 1 + 1e-6, faithful_noop=True),
+        validate=validate,
+        pass_timeout=0.3,
+    )
+    assert statuses(got)[:2] == [
+        ("t.scale", "applied"),
+        ("t.break", "rolled-back" if kind == "rolled back" else "failed"),
+    ]
+    # t.scale2 ran on the restored model: the committed one, scaled once more
+    assert statuses(got)[2] == ("t.scale2", "applied")
+    assert "stray" not in {n.name for n in got.model.graph}
+    w_want = next(n for n in want.model.graph if n.op_type == "Conv").inputs[1].const_value.numpy()
+    w_got = next(n for n in got.model.graph if n.op_type == "Conv").inputs[1].const_value.numpy()
+    np.testing.assert_allclose(w_got, w_want * np.float32(1 + 1e-6), rtol=1e-6)
+    # copies: t.scale's (it is not faithful) and, validated, the manager's own copy of
+    # the model it was given; t.break and t.scale2 work in place
+    assert clones["n"] == (1 if validate == "none" else 2)
+
+
+def test_drop_dead_uses_detaches_nodes_no_longer_in_the_model():
+    model = gir.load(CNN)
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    x = relu.inputs[0]
+    extra = ir.Node("", "Neg", [x], name="gone")
+    model.graph.insert_after(relu, extra)
+    assert len(x.uses()) == 2
+    model.graph.remove(extra, safe=False)  # what a library may do: its input stays listed
+    assert len(x.uses()) == 2
+    assert gir.drop_dead_uses(model) == 1
+    assert [u.node for u in x.uses()] == [relu]
+    assert gir.drop_dead_uses(model) == 0
