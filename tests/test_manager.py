@@ -670,3 +670,34 @@ def test_drop_dead_uses_detaches_nodes_no_longer_in_the_model():
     assert gir.drop_dead_uses(model) == 1
     assert [u.node for u in x.uses()] == [relu]
     assert gir.drop_dead_uses(model) == 0
+
+
+def test_the_unvalidated_load_check_runs_beside_the_passes_and_its_verdict_holds(monkeypatch):
+    """--validate none: onnxruntime loads the model in another thread while the passes
+    work; a model it refuses is still an InputError, raised before anything is returned."""
+    import threading
+
+    from graphopt.errors import InputError
+    from graphopt.validate import Runner
+
+    threads, ran = [], []
+    real_session = Runner.session
+
+    def session(self, model):
+        threads.append(threading.current_thread().name)
+        return real_session(self, model)
+
+    def mark(self, model, ctx):
+        ran.append(1)
+        return graphopt.PassResult(False)
+
+    monkeypatch.setattr(Runner, "session", session)
+    opt("t.mark", make_pass("t.mark", body=mark), validate="none")
+    assert threads == ["graphopt-load-check"] and ran == [1]
+
+    def refuse(self, model):
+        raise RuntimeError("Fatal error: acme:Foo(-1) is not a registered function/op")
+
+    monkeypatch.setattr(Runner, "session", refuse)
+    with pytest.raises(InputError, match="onnxruntime cannot run .*acme:Foo"):
+        opt("t.mark", make_pass("t.mark", body=mark), validate="none")
