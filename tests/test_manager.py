@@ -699,5 +699,5 @@ def test_the_unvalidated_load_check_runs_beside_the_passes_and_its_verdict_holds
         raise RuntimeError("Fatal error: acme:Foo(-1) is not a registered function/op")
 
     monkeypatch.setattr(Runner, "session", refuse)
-    with pytest.raises(InputError, match="onnxruntime cannot run .*acme:Foo"):
+    with pytest.raises(InputError, match=r"onnxruntime cannot run .*acme:Foo"):
         opt("t.mark", make_pass("t.mark", body=mark), validate="none")
