@@ -195,6 +195,10 @@ class PassManager:
             snapshot = None
         snapshot_external = False  # ... with references to external data files
         current_nodes: set[ir.Node] | None = None  # _nodes(current), once computed
+        # an in-place no-op ran since the last commit: ``current`` may carry annotations
+        # (inferred types) that no check has seen, so the result is restored from the
+        # snapshot at the end (a spare copy's annotations were dropped the same way)
+        unchecked = False
         signature = io_signature(model)
         previous: list[Feed] | None = None
         if self.validator is not None:
@@ -278,7 +282,7 @@ class PassManager:
                     if not isinstance(e, _Timeout):
                         log.debug("pass %s raised:\n%s", p.name, traceback.format_exc())
                     if candidate is current:  # half-changed (or still changing: timeout)
-                        current, current_nodes = _restore(snapshot), None
+                        current, current_nodes, unchecked = _restore(snapshot), None, False
                     rec.repro = self._write_repro(index, p, current, rec.reason)
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
@@ -288,13 +292,14 @@ class PassManager:
                     rec.status = "failed"
                     rec.reason = f"run() returned {type(result).__name__}, not graphopt.PassResult"
                     if candidate is current:
-                        current, current_nodes = _restore(snapshot), None
+                        current, current_nodes, unchecked = _restore(snapshot), None, False
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 rec.stats = dict(result.stats)
                 if not result.modified:
                     if p.faithful_noop and candidate is not current:
                         spare = candidate, before_nodes
+                    unchecked = unchecked or candidate is current
                     noop_at[_identity(p)] = commits
                     rec.status = "no-op"
                     self._report(index, len(schedule), rec)
@@ -322,12 +327,12 @@ class PassManager:
                     rec.nodes_after = gir.count_nodes(candidate)
                     rec.bytes_after = gir.weight_bytes(candidate)
                     if candidate is current:
-                        current, current_nodes = _restore(snapshot), None
+                        current, current_nodes, unchecked = _restore(snapshot), None, False
                     rec.repro = self._write_repro(index, p, current, check.reason)
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 # commit
-                current, current_nodes = candidate, after_nodes
+                current, current_nodes, unchecked = candidate, after_nodes, False
                 commits += 1
                 self.measured = check if check.outputs is not None else None
                 # the committed model, serialized, for the next passes (held until the
@@ -348,6 +353,8 @@ class PassManager:
                 self._report(index, len(schedule), rec)
             if not changed or stopped_by is not None:
                 break
+        if unchecked:
+            current = _restore(snapshot)  # exactly the model the last check passed
         return current, records
 
     def _give_up(

@@ -701,3 +701,24 @@ def test_the_unvalidated_load_check_runs_beside_the_passes_and_its_verdict_holds
     monkeypatch.setattr(Runner, "session", refuse)
     with pytest.raises(InputError, match=r"onnxruntime cannot run .*acme:Foo"):
         opt("t.mark", make_pass("t.mark", body=mark), validate="none")
+
+
+@pytest.mark.parametrize("validate", ["none", "each"])
+def test_what_an_in_place_no_op_leaves_behind_never_reaches_the_result(validate):
+    """A faithful no-op may annotate (infer types); in place, that lands on the committed
+    model. Without a later commit no check saw it, so the result is the checked model
+    (ONNX test_loop16_seq_none: an inferred tensor type on a sequence value)."""
+
+    def annotate(self, model, ctx):
+        model.graph.doc_string = "unchecked"
+        return graphopt.PassResult(False)
+
+    r = opt(
+        "t.scale,t.note",
+        make_pass("t.scale", T.APPROXIMATE, 1 + 1e-6),
+        make_pass("t.note", body=annotate, faithful_noop=True),
+        validate=validate,
+    )
+    assert statuses(r) == [("t.scale", "applied"), ("t.note", "no-op")]
+    assert r.model.graph.doc_string != "unchecked"
+    assert r.model_proto.graph.doc_string != "unchecked"
