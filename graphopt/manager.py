@@ -13,6 +13,10 @@ copied, and a pass that crashes half-way cannot leave a torn model behind. A clo
 * otherwise the copy a faithful no-op pass left unchanged is handed to the next pass
   instead of cloning again.
 
+An in-place no-op may still have annotated the model (inferred types, which its
+``faithful_noop`` promise allows); when no later commit has checked them, the result is
+restored from the last snapshot, so it is always exactly a model that passed its checks.
+
 Either way, after a pass that changed the model, nodes the pass removed without
 detaching them are taken off the use lists of the values they read
 (:func:`graphopt.ir.drop_dead_uses`), which a clone used to do by rebuilding them.

@@ -16,9 +16,9 @@ Generators are in tools/make_big_models.py; figures and exact commands in docs/s
 
 The real sizes run with ``-m slow``: the 100k-node chain (the issue's bar: -O1 in under
 10 s before validation, read as the time in the passes: 6.6-7.6 s on 2026-11-30, the
-whole command 18-21 s; docs/scale.md), 256 MB of external weights (peak RSS above a tiny model's under
-the weight size) and a model with over 2 GB of external data (-O1 with peak memory well
-under twice the weight size). Targets graphopt does not meet yet are
+whole command 18-21 s; docs/scale.md), 256 MB of external weights (peak RSS above a tiny
+model's under the weight size) and a model with over 2 GB of external data (-O1 with
+peak memory well under twice the weight size). Targets graphopt does not meet yet are
 ``xfail(strict=True)`` with the measured reason.
 """
 
