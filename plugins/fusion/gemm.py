@@ -7,9 +7,10 @@
 
 (``Add(C, MatMul(...))`` too; the Transpose forms need ``perm=[1, 0]``.) Gemm needs A and B
 2-D, so a MatMul of rank > 2 (a transformer's ``[batch, seq, d]`` projections) stays a
-MatMul. C must broadcast unidirectionally to the ``[M, N]`` output, i.e. the Add must not
-broadcast the MatMul result to a larger shape: C has rank <= 2 and each of its (right
-aligned) dims is 1 or equal to M resp. N.
+MatMul: wrapping it in Reshape/Gemm/Reshape measured no faster in onnxruntime (which does
+that itself when shapes are static; see MEASURED.md). C must broadcast unidirectionally
+to the ``[M, N]`` output, i.e. the Add must not broadcast the MatMul result to a larger
+shape: C has rank <= 2 and each of its (right aligned) dims is 1 or equal to M resp. N.
 
 Rules: onnxscript 0.7.2's ``MatMulAddToGemm`` and its three Transpose variants (the
 pattern, the rank-2 check and the rewrite are theirs), with a graphopt guard added: their
