@@ -632,6 +632,7 @@ def test_measuring_run_writes_generated_part_then_includes(tmp_path, monkeypatch
 def test_the_repository_include_list():
     assert [i.path for i in bm.INCLUDES] == [
         "plugins/runtime/MEASURED.md",
+        "plugins/fusion/MEASURED.md",
         "plugins/substitution/MEASURED.md",
         "plugins/pruning/MEASURED.md",
         "plugins/quantization/MEASURED.md",

@@ -27,8 +27,8 @@ cosine of the main output and a task metric per model. Models are built in child
 processes (bounded by ``--build-timeout``), temp files live under the cache work dir.
 
 The report is this run's generated part followed by sections copied from a fixed list of
-files (``INCLUDES``: ``plugins/runtime/MEASURED.md``, ``plugins/substitution/MEASURED.md``,
-``plugins/pruning/MEASURED.md``, ``plugins/quantization/MEASURED.md``, ``docs/scale.md``),
+files (``INCLUDES``: ``plugins/runtime/MEASURED.md``, ``plugins/fusion/MEASURED.md``,
+``plugins/substitution/MEASURED.md``, ``plugins/pruning/MEASURED.md``, ``plugins/quantization/MEASURED.md``, ``docs/scale.md``),
 the figures other issues ask BENCHMARKS.md to show, measured by their own scripts and kept,
 with the commands that reproduce them, in those files. Each is copied between
 ``<!-- included from PATH -->`` and ``<!-- end of include -->`` (headings moved down two
@@ -1567,6 +1567,13 @@ INCLUDES: tuple[Include, ...] = (
         4,
         "the opt-in `ort-offline` pass: speed under ORT_DISABLE_ALL (>= 1.2x on the CNNs "
         "with BatchNorms after a Conv) and session creation",
+    ),
+    Include(
+        "plugins/fusion/MEASURED.md",
+        "Fusion: 3-D MatMul + bias (issue #4)",
+        4,
+        "whether rewriting a transformer's 3-D MatMul + bias Add into Reshape/Gemm/Reshape "
+        "is faster (measured: no; onnxruntime already does it for static shapes)",
     ),
     Include(
         "plugins/substitution/MEASURED.md",
