@@ -265,7 +265,11 @@ def optimize(
                         "LOSSY passes are validated on synthetic inputs; pass --inputs "
                         "with held-out data for a meaningful budget"
                     )
-            validator = Validator(ir_model, feeds, runner, rtol=rtol, atol=atol, budget=budget)
+            if not keeps_external(ir_model):
+                loaded = serialized(gir.to_proto(ir_model, inline_external=False))
+            validator = Validator(
+                ir_model, feeds, runner, rtol=rtol, atol=atol, budget=budget, serialized=loaded
+            )
         elif keeps_external(ir_model):
             runner.session(ir_model)  # even unvalidated, the model must load in onnxruntime
         else:
@@ -313,9 +317,9 @@ def optimize(
     # stays untouched) and no validator keeps: the manager may work on it directly
     # instead of on a copy (a clone costs ~20 µs a node)
     consume = validator is None and isinstance(model, str | Path | onnx.ModelProto)
-    # (then the bytes of the load check also stand for the model the first pass gets)
+    # the bytes of the load check or reference run stand for the model the first pass gets
     result_model, records = manager.run(
-        ir_model, passes, rounds=rounds, consume=consume, snapshot=loaded if consume else None
+        ir_model, passes, rounds=rounds, consume=consume, snapshot=loaded
     )
     if load_check is not None:
         try:

@@ -34,7 +34,8 @@ class PassContext:
         cache_dir: a folder where passes may keep caches (calibration statistics, ...).
         logger: the pass's logger; progress on long work goes here.
         model_bytes: the model handed to ``run()``, serialized, when the manager has that
-            at hand (the bytes its last check produced; only for models of modest size),
+            at hand (the bytes its last check or the input's reference run or load check
+            produced; only for models of modest size without external data),
             else None. It describes the model as handed over: a pass may use it before it
             changes the model (e.g. for onnx shape inference), never after.
     """

@@ -195,8 +195,8 @@ class PassManager:
         current = model if consume else model.clone()
         self.measured = None
         # ``current`` serialized, when a check produced it (or the caller had it)
-        if snapshot is not None and (not consume or len(snapshot) > SNAPSHOT_BYTES):
-            snapshot = None
+        if snapshot is not None and len(snapshot) > SNAPSHOT_BYTES:
+            snapshot = None  # (a copy of ``model`` serializes the same)
         snapshot_external = False  # ... with references to external data files
         current_nodes: set[ir.Node] | None = None  # _nodes(current), once computed
         # an in-place no-op ran since the last commit: ``current`` may carry annotations

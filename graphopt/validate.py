@@ -523,7 +523,10 @@ class Validator:
         rtol: float = 1e-3,
         atol: float = 1e-4,
         budget: Budget | None = None,
+        serialized: bytes | None = None,
     ) -> None:
+        """``serialized``: ``original``'s bytes when the caller has them (no second
+        serialization for the reference run)."""
         self.runner = runner
         # LOSSY results are measured as they will be deployed: with onnxruntime's own
         # optimizations on (e.g. QDQ pairs become integer kernels, whose rounding differs
@@ -536,7 +539,7 @@ class Validator:
         self.atol = atol
         self.budget = budget
         self.original = original
-        self.reference = runner.run(original, self.feeds)
+        self.reference = runner.run(serialized if serialized is not None else original, self.feeds)
         # references of the original for other feeds (measure(feeds=...)), by fingerprint
         self._references: dict[str, list[Feed]] = {}
 

@@ -192,12 +192,12 @@ def test_faithful_no_op_hands_its_copy_to_the_next_pass(monkeypatch):
     # bytes from the load check restore it if a pass fails
     assert len(set(seen)) == 1
     assert clones["n"] == 0
-    # validated, the manager copies the model it was given, and has no bytes of it yet:
-    # one working copy, shared by the three no-op passes
+    # validated, the validator keeps the model it was given: the manager works on one
+    # copy, in place too (the reference run's bytes restore it)
     seen.clear()
     opt("t.f0,t.f1,t.f2", *faithful)
     assert len(set(seen)) == 1
-    assert clones["n"] == 2
+    assert clones["n"] == 1
 
     seen.clear()
     plain = [make_pass(f"t.p{i}", body=look) for i in range(3)]
@@ -560,8 +560,8 @@ def test_a_pass_sees_the_committed_model_serialized_and_only_while_it_runs():
         make_pass("t.keep", body=keep, faithful_noop=True),
     )
     assert statuses(r)[1] == ("t.scale", "applied")
-    (first, _), (second, model_now) = seen
-    assert first is None  # nothing committed yet: the manager has no bytes of it
+    (first, model_then), (second, model_now) = seen
+    assert first == model_then  # the input, as the validator's reference run had it
     assert second == model_now  # the committed model, exactly as handed to the pass
     assert b"extra" in second and b"graphopt.pass" in second  # its new node, tagged
     assert ctx_holder[0].model_bytes is None  # cleared once the pass has run
