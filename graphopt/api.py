@@ -30,7 +30,7 @@ from graphopt._gc import fewer_full_collections
 from graphopt.context import TARGETS, PassContext
 from graphopt.data import input_specs, load_feeds, shape_map, synthesize
 from graphopt.errors import ExitCode, InputError, PluginError, UsageError
-from graphopt.manager import ManagerOptions, PassManager
+from graphopt.manager import SNAPSHOT_BYTES, ManagerOptions, PassManager
 from graphopt.passes import Tolerance
 from graphopt.pipeline import (
     PassSpec,
@@ -270,12 +270,17 @@ def optimize(
             validator = Validator(
                 ir_model, feeds, runner, rtol=rtol, atol=atol, budget=budget, serialized=loaded
             )
+            if loaded is not None and len(loaded) > SNAPSHOT_BYTES:
+                loaded = None  # weight-heavy: not held while the passes run
         elif keeps_external(ir_model):
             runner.session(ir_model)  # even unvalidated, the model must load in onnxruntime
         else:
             loaded = serialized(gir.to_proto(ir_model, inline_external=False))
-            if loaded is None:
-                runner.session(ir_model)
+            if loaded is None or len(loaded) > SNAPSHOT_BYTES:
+                # weight-heavy: checked first, so that the session's copy of the weights
+                # is not held while the passes run, nor the bytes after
+                runner.session(loaded if loaded is not None else ir_model)
+                loaded = None
             else:
                 # onnxruntime builds a session in C++ with the GIL released: the check
                 # runs on another core while the passes work (3.6 s of a 100k-node
