@@ -253,9 +253,9 @@ def optimize(
     _check_shape_names(shapes_given, specs_in)
     validator = None
     warnings: list[str] = []
-    loaded: bytes | None = None  # ir_model serialized for the load check, if it was
     load_check: Future[Any] | None = None
     try:
+        feeds = None
         if validate != "none" and passes:
             feeds = _feeds(inputs, specs_in, "inputs")
             if feeds is None:
@@ -265,27 +265,30 @@ def optimize(
                         "LOSSY passes are validated on synthetic inputs; pass --inputs "
                         "with held-out data for a meaningful budget"
                     )
-            if not keeps_external(ir_model):
-                loaded = serialized(gir.to_proto(ir_model, inline_external=False))
+        # serialized once: for the reference run or the load check, and as the manager's
+        # first snapshot (external weights stay in their files: no bytes)
+        loaded = (
+            None
+            if keeps_external(ir_model)
+            else serialized(gir.to_proto(ir_model, inline_external=False))
+        )
+        small = loaded is not None and len(loaded) <= SNAPSHOT_BYTES
+        if feeds is not None:
             validator = Validator(
                 ir_model, feeds, runner, rtol=rtol, atol=atol, budget=budget, serialized=loaded
             )
-            if loaded is not None and len(loaded) > SNAPSHOT_BYTES:
-                loaded = None  # weight-heavy: not held while the passes run
-        elif keeps_external(ir_model):
-            runner.session(ir_model)  # even unvalidated, the model must load in onnxruntime
+        elif small:
+            # even unvalidated, the model must load in onnxruntime. It builds a session
+            # in C++ with the GIL released: the check runs on another core while the
+            # passes work (3.6 s of a 100k-node model's run); its verdict is awaited
+            # before anything is returned
+            load_check = _in_background(runner.session, loaded)
         else:
-            loaded = serialized(gir.to_proto(ir_model, inline_external=False))
-            if loaded is None or len(loaded) > SNAPSHOT_BYTES:
-                # weight-heavy: checked first, so that the session's copy of the weights
-                # is not held while the passes run, nor the bytes after
-                runner.session(loaded if loaded is not None else ir_model)
-                loaded = None
-            else:
-                # onnxruntime builds a session in C++ with the GIL released: the check
-                # runs on another core while the passes work (3.6 s of a 100k-node
-                # model's run); its verdict is awaited before anything is returned
-                load_check = _in_background(runner.session, loaded)
+            # weight-heavy (or external): checked first, so that the session's copy of
+            # the weights is not held while the passes run
+            runner.session(loaded if loaded is not None else ir_model)
+        if not small:
+            loaded = None  # weight-heavy: the bytes are not held while the passes run
     except RuntimeError as e:
         raise _cannot_run(source, e, ir_model) from e
 
