@@ -12,6 +12,7 @@ fuse-bn              115   bn_into_{conv,conv_transpose,gemm,matmul},           
                            {mul,add}_into_{conv,conv_transpose,gemm}
 fuse-layernorm       120   layernorm, layernorm_no_bias, layernorm_no_affine,       APPROXIMATE
                            rmsnorm, rmsnorm_no_scale           (needs opset >= 17)
+                           layernorm_residual_sum: residual Add -> Sum (cpu target)
 fuse-gelu            125   gelu_erf, gelu_tanh                                      APPROXIMATE
 fuse-activations     130   hardswish*, hardsigmoid*, hardswish_from_hardsigmoid*,   APPROXIMATE
                            silu

@@ -84,7 +84,9 @@ class FusePad(FusionPass):
 class FuseLayerNorm(FusionPass):
     name = "fuse-layernorm"
     summary = ("Decomposed LayerNorm -> LayerNormalization (opset >= 17); RMSNorm -> "
-               "RMSNormalization (opset >= 23)")
+               "RMSNormalization (opset >= 23); for the cpu target, the residual Add before a "
+               "LayerNormalization -> Sum (keeps onnxruntime's slow CPU SkipLayerNormalization "
+               "out)")
     tolerance = graphopt.Tolerance.APPROXIMATE
     requires = graphopt.Requirements(min_opset=17)
     order = 120

@@ -136,11 +136,27 @@ def ort_optimize(model: onnx.ModelProto, level: str = "basic") -> onnx.ModelProt
 
 def sum_to_add(model: onnx.ModelProto) -> int:
     """Rewrite ``Sum(a, b, ...)`` as a chain of ``Add`` (exact for 2 inputs; the same
-    left-to-right order otherwise). onnxruntime has no integer Sum but does have QLinearAdd."""
+    left-to-right order otherwise). onnxruntime has no integer Sum but does have QLinearAdd.
+
+    A two-input Sum whose only consumer is a LayerNormalization stays: fuse-layernorm wrote
+    it for the residual sum, which onnxruntime would otherwise fuse with the norm into its
+    CPU SkipLayerNormalization, several times slower (plugins/fusion/MEASURED.md); the
+    residual stream is left in float either way."""
+    users: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            users[name].append(node)
+    outputs = {o.name for o in model.graph.output}
     out: list[onnx.NodeProto] = []
     changed = 0
     for node in model.graph.node:
         if node.op_type != "Sum" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            out.append(node)
+            continue
+        after = users[node.output[0]]
+        if (len(node.input) == 2 and node.output[0] not in outputs and len(after) == 1
+                and after[0].op_type == "LayerNormalization"
+                and after[0].domain in ("", "ai.onnx") and after[0].input[0] == node.output[0]):
             out.append(node)
             continue
         changed += 1

@@ -32,7 +32,10 @@ Other substitutions:
   exact and both sides are the correctly rounded ``x * 2^-k``), APPROXIMATE otherwise (one
   extra rounding of 1/c). The Mul is ~1.9x faster than the Div in onnxruntime.
 * ``sum_to_add``: ``Sum(a) = a`` and ``Sum(a, b) = Add(a, b)`` (EXACT: the same one IEEE
-  addition; onnxruntime fuses an Add, not a Sum, into neighbouring kernels).
+  addition; onnxruntime fuses an Add, not a Sum, into neighbouring kernels). Except, for
+  the cpu target, a residual Sum whose only consumer is a LayerNormalization: fuse-layernorm's
+  ``layernorm_residual_sum`` wrote it to keep onnxruntime from fusing the pair into its slow
+  CPU SkipLayerNormalization.
 
 All rules are graphopt's, written with onnxscript's pattern API.
 """
@@ -42,6 +45,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from graphopt_plugins.fusion._base import Env, FusionRule, Rule, Skip, const, fail, opset_of
+from graphopt_plugins.fusion.layernorm import skip_layernorm_site
 
 from ._base import FLOATS, ORT_TARGETS, broadcast_keeps_shape
 
@@ -233,11 +237,13 @@ class DivToMul(Rule):
 
 class SumPair(Rule):
     def pattern(self, op, a, b):
-        return op.Sum(a, b)
+        return op.Sum(a, b, _outputs=["out"])
 
-    def check(self, context, a, b, **_):
+    def check(self, context, a, b, out=None, **_):
         if opset_of(context.model) < 7:
             raise fail("opset < 7: Add's broadcasting differs from Sum's")
+        if skip_layernorm_site(self.env, a, b, out):
+            raise Skip("a residual Sum before LayerNormalization stays a Sum (cpu target)")
         return True
 
     def rewrite(self, op, a, b, **_):

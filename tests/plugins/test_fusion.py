@@ -838,6 +838,66 @@ def test_rmsnorm_fused_at_opset_23_only():
     ]
 
 
+def residual_layernorm_model(*, extra_use=False, shape=(1, 16, 32)):
+    """x + skip -> LayerNormalization, the residual block end of a transformer layer."""
+    h = shape[-1]
+    nodes = [
+        node("Add", ["x", "skip"], ["r"], name="residual"),
+        node("LayerNormalization", ["r", "gamma", "beta"], ["z"], name="ln", axis=-1,
+             epsilon=1e-5),
+    ]
+    outputs = [vi("z", list(shape))]
+    if extra_use:  # the residual sum is needed elsewhere too
+        nodes.append(node("Relu", ["r"], ["rr"], name="other"))
+        outputs.append(vi("rr", list(shape)))
+    inits = [init("gamma", RNG.uniform(0.5, 1.5, h).astype(np.float32)), init("beta", f32(h))]
+    return model(nodes, [vi("x", list(shape)), vi("skip", list(shape))], outputs, inits)
+
+
+def ort_fused_op_types(m, tmp_path):
+    """The op types onnxruntime (ORT_ENABLE_ALL, CPU) turns ``m`` into."""
+    import onnxruntime as ort
+
+    src, dst = tmp_path / "m.onnx", tmp_path / "m.ort.onnx"
+    onnx.save(m if isinstance(m, onnx.ModelProto) else gir.to_proto(m), src)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(dst)).graph.node)
+
+
+def test_residual_add_before_layernorm_becomes_sum_on_cpu(tmp_path):
+    m = residual_layernorm_model()
+    out, result = fuse(FuseLayerNorm(), m)
+    assert result.stats["layernorm_residual_sum"] == 1
+    assert op_types(out) == ["Sum", "LayerNormalization"]
+    assert_numerics_preserved(m, out)
+    assert_idempotent(FuseLayerNorm(), m)
+    # why: onnxruntime fuses Add -> LayerNormalization into SkipLayerNormalization, whose
+    # CPU kernel is several times slower (plugins/fusion/MEASURED.md); Sum is not matched
+    assert ort_fused_op_types(m, tmp_path)["SkipLayerNormalization"] == 1
+    assert ort_fused_op_types(out, tmp_path)["SkipLayerNormalization"] == 0
+
+
+@pytest.mark.parametrize("target", ["generic", "cuda"])
+def test_residual_add_kept_off_the_cpu_target(target):
+    _out, result = fuse(FuseLayerNorm(), residual_layernorm_model(), target=target)
+    assert not result.modified
+
+
+def test_residual_add_with_another_consumer_kept():
+    _out, result = fuse(FuseLayerNorm(), residual_layernorm_model(extra_use=True))
+    assert not result.modified
+
+
+def test_bias_add_before_layernorm_kept():
+    m = residual_layernorm_model()
+    m.graph.initializer.append(init("skip", f32(32)))  # x + a constant bias, not a residual
+    del m.graph.input[1]
+    _out, result = fuse(FuseLayerNorm(), m)
+    assert not result.modified
+
+
 # --------------------------------------------------------------------------- fuse-gelu
 
 

@@ -355,6 +355,15 @@ def test_sum_to_add_and_error_compensating_rounding():
     m = onnx.ModelProto()
     m.CopyFrom(model)
     assert qg.sum_to_add(m) == 1 and "Sum" not in _ops(m)
+    # a residual Sum feeding a LayerNormalization stays (see sum_to_add)
+    ln = helper.make_model(helper.make_graph(
+        [helper.make_node("Sum", ["x", "z"], ["r"]),
+         helper.make_node("LayerNormalization", ["r", "g"], ["y"], axis=-1)],
+        "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8]) for n in "xz"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+        [numpy_helper.from_array(np.ones(8, np.float32), "g")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    assert qg.sum_to_add(ln) == 0 and _ops(ln)["Sum"] == 1
     # GPTQ-style rounding never has a larger layer error than round-to-nearest
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 24))

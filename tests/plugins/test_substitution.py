@@ -358,6 +358,19 @@ def test_sum_of_two_is_add_and_of_one_is_nothing():
     not_fired(SubstituteExact(), three, "sum_to_add")
 
 
+def test_residual_sum_before_layernorm_stays_on_cpu():
+    # fuse-layernorm's layernorm_residual_sum writes it; Add would let onnxruntime fuse
+    # the pair into its slow CPU SkipLayerNormalization
+    nodes = [
+        node("Sum", ["x", "z"], ["r"]),
+        node("LayerNormalization", ["r", "g"], ["y"], axis=-1),
+    ]
+    m = model(nodes, [vi("x", [1, 4, 8]), vi("z", [1, 4, 8])],
+              inits=[init("g", np.ones(8, np.float32))])
+    not_fired(SubstituteExact(), m, "sum_to_add")
+    assert counts(fired(SubstituteExact(), m, "sum_to_add", target="generic"))["Add"] == 1
+
+
 # --------------------------------------------------------------------------- identity-like ops
 
 
