@@ -261,6 +261,52 @@ def test_image_generator_contract(tmp_path):
     assert len(ci.run_set(path, arrays, layout)) == 6
 
 
+def test_every_wheel_model_is_pinned():
+    assert isinstance(fm.MODELS["opennsfw"], fm.WheelModel)
+    for name, spec in fm.MODELS.items():
+        if not isinstance(spec, fm.WheelModel):
+            continue
+        for member in [spec.model, *spec.extras.values()]:
+            pin = fm.WHEELS[member.package]  # KeyError: a member of an unpinned wheel
+            dist = member.package.replace("-", "_")
+            assert pin.filename.lower() == f"{dist}-{pin.version}-py3-none-any.whl".lower(), name
+            for digest in (pin.sha256, member.sha256):
+                assert len(digest) == 64 and set(digest) <= set("0123456789abcdef"), name
+
+
+def _nhwc_model(path: Path, h: int, w: int) -> None:
+    x = helper.make_tensor_value_info("input:0", TensorProto.FLOAT, ["N", h, w, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    node = helper.make_node("ReduceMean", ["input:0"], ["y"], axes=[1, 2], keepdims=0)
+    model = helper.make_model(
+        helper.make_graph([node], "nhwc", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_opennsfw_generator_contract(tmp_path):
+    path = tmp_path / "opennsfw.onnx"
+    _nhwc_model(path, 20, 24)
+    arrays, layout, _ = ci.generate("opennsfw", path, 5, "calib")
+    assert layout == {"input:0": "batch"}
+    x = arrays["input:0"]
+    assert x.shape == (5, 20, 24, 3) and x.dtype == np.float32  # NHWC, not NCHW
+    # Caffe preprocessing: 0-255 pixels, BGR, minus the BGR mean [104, 117, 123]
+    pixels = x + np.array([104.0, 117.0, 123.0], np.float32)
+    assert pixels.min() >= -1e-3 and pixels.max() <= 255.0 + 1e-3
+    assert pixels.max() - pixels.min() > 100  # real contrast, not a flat field
+    # the same smooth fields as the NCHW image generator, channels reversed to BGR
+    rgb = fm.smooth_image_batch(np.random.default_rng(7), (2, 3, 20, 24))
+    rgb = np.clip(rgb * fm.IMAGENET_STD[:, None, None] + fm.IMAGENET_MEAN[:, None, None], 0, 1)
+    got = ci.caffe_bgr_nhwc_batch(np.random.default_rng(7), 2, 20, 24)
+    expect = (rgb * 255.0).transpose(0, 2, 3, 1)[..., ::-1] - ci.CAFFE_MEAN_BGR
+    np.testing.assert_allclose(got, expect, atol=1e-3)
+    other, _, _ = ci.generate("opennsfw", path, 5, "eval")
+    assert not np.array_equal(x, other["input:0"])
+    assert len(ci.run_set(path, arrays, layout)) == 5
+
+
 def test_wordpiece_and_disjoint_sentences():
     vocab = {
         w: i

@@ -30,6 +30,8 @@ Generators:
   512 new samples; ``state`` is the model's own recurrent state after 0-7 earlier chunks of
   the same stream (zeros for a stream's first chunk), ``sr`` is 16000.
 * zoo_*: smooth image-like fields, ImageNet-normalized, of the declared shape.
+* opennsfw: the same smooth fields as 0-255 pixels, preprocessed like open_nsfw's Caffe
+  reference: NHWC 224x224x3, BGR, minus the mean [104, 117, 123] (values in [-123, 151]).
 
 Usage::
 
@@ -687,6 +689,29 @@ def gen_image_like(model_path, n, rng, split):
     return arrays, layout, {}
 
 
+CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+
+
+def caffe_bgr_nhwc_batch(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
+    """``n`` NHWC float32 images as Caffe models (open_nsfw) take them: 0-255 BGR minus
+    :data:`CAFFE_MEAN_BGR`. The pixels are :func:`fetch_models.smooth_image_batch`'s fields
+    with the ImageNet normalization undone, i.e. the same [0, 1] RGB images, rescaled."""
+    normalized = fetch_models.smooth_image_batch(rng, (n, 3, h, w))
+    mean = fetch_models.IMAGENET_MEAN[None, :, None, None]
+    std = fetch_models.IMAGENET_STD[None, :, None, None]
+    rgb = np.clip(normalized * std + mean, 0.0, 1.0) * 255.0  # N, 3 (RGB), H, W
+    bgr_nhwc = rgb[:, ::-1].transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(bgr_nhwc - CAFFE_MEAN_BGR, dtype=np.float32)
+
+
+def gen_opennsfw(model_path, n, rng, split):
+    inp = _float_input(model_inputs(model_path))
+    _, h, w, c = _dims(inp, [1, 224, 224, 3])
+    if c != 3:
+        raise ValueError(f"opennsfw: expected an NHWC input with 3 channels, got {inp['dims']}")
+    return {inp["name"]: caffe_bgr_nhwc_batch(rng, n, h, w)}, {inp["name"]: "batch"}, {}
+
+
 Generator = Callable[..., tuple[dict[str, np.ndarray], dict[str, str], dict[str, Any]]]
 GENERATORS: dict[str, Generator] = {
     "ppocr_det": gen_ppocr_det,
@@ -694,6 +719,7 @@ GENERATORS: dict[str, Generator] = {
     "ppocr_cls": gen_ppocr_cls,
     "minilm": gen_minilm,
     "silero_vad": gen_silero_vad,
+    "opennsfw": gen_opennsfw,
 }
 
 

