@@ -11,8 +11,8 @@ fuse-matmul-add      110   matmul_add_to_gemm*                                  
 fuse-bn              115   bn_into_{conv,conv_transpose,gemm,matmul},               APPROXIMATE
                            {mul,add}_into_{conv,conv_transpose,gemm}
 fuse-layernorm       120   layernorm, layernorm_no_bias, layernorm_no_affine,       APPROXIMATE
-                           rmsnorm, rmsnorm_no_scale           (needs opset >= 17)
-                           layernorm_residual_sum: residual Add -> Sum (cpu target)
+                           (opset >= 17), rmsnorm, rmsnorm_no_scale (opset >= 23),
+                           layernorm_residual_sum (cpu target, any opset)
 fuse-gelu            125   gelu_erf, gelu_tanh                                      APPROXIMATE
 fuse-activations     130   hardswish*, hardsigmoid*, hardswish_from_hardsigmoid*,   APPROXIMATE
                            silu

@@ -20,16 +20,18 @@ RMSNorm (T5/LLaMA style)::
 Rules ``rmsnorm`` / ``rmsnorm_no_scale``; RMSNormalization exists from opset 23 only, and no
 standard op covers RMSNorm below that, so lower opsets are left alone (a near miss).
 
-Rule ``layernorm_residual_sum`` (onnxruntime CPU target only; graphopt's): the residual
-``Add`` (of two computed tensors, not a constant bias) whose only consumer is a
-LayerNormalization becomes ``Sum`` (the same arithmetic, bit
-for bit). onnxruntime fuses ``Add -> LayerNormalization`` into its contrib
-``SkipLayerNormalization`` whenever it knows both Add inputs' shapes, and in onnxruntime 1.32
-that CPU kernel runs 4.6-6.9x slower than Add + LayerNormalization (float32, 1 thread, ``[1,
-S, H]`` from [1, 16, 768] to [1, 512, 1024]; ``Sum`` costs the same as ``Add``:
-plugins/fusion/MEASURED.md). Without the rule, this pass's own LayerNormalizations plus the
-shapes graphopt infers made MiniLM 3-5 % slower than the original; with it, a model whose
-Add + LayerNormalization onnxruntime would fuse anyway runs faster than the original.
+Rule ``layernorm_residual_sum`` (onnxruntime CPU target only, any opset; graphopt's): the
+residual ``Add`` (of two computed tensors, not a constant bias) that feeds only a LayerNorm
+(a LayerNormalization, or the ReduceMean/Sub head of a decomposed one) becomes ``Sum``, the
+same arithmetic bit for bit. onnxruntime fuses ``Add -> LayerNormalization`` into its
+contrib ``SkipLayerNormalization`` whenever it knows both Add inputs' shapes, and in
+onnxruntime 1.32 that CPU kernel runs 3.6-6.4x slower than Add + LayerNormalization
+(float32, 1 thread, ``[1, S, H]`` from [1, 16, 768] to [1, 512, 1024]; ``Sum`` costs the
+same as ``Add``; plugins/fusion/MEASURED.md). Without the rule, the shapes graphopt infers
+made MiniLM (and an opset-14 variant of it with decomposed LayerNorms) 3-5 % slower than
+the original; with it, a model whose Add + LayerNorm onnxruntime would fuse anyway runs
+faster than the original. The LayerNorm rules need opset 17 (a near miss says so below
+that); this one runs at any opset, hence no opset requirement on the pass.
 
 Conditions: both ReduceMeans reduce the same trailing axes with keepdims=1 (axes from the
 attribute, or the constant input from opset 18); the Pow exponent is 2; eps is a constant
@@ -63,7 +65,7 @@ from graphopt_plugins.fusion._base import (
 )
 from onnxscript.rewriter import pattern as orp
 
-__all__ = ["rules", "skip_layernorm_site"]
+__all__ = ["feeds_only_layernorm", "rules", "skip_layernorm_site"]
 
 _LN_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
@@ -273,19 +275,38 @@ class RmsNormNoScale(_RmsNorm):
 
 def skip_layernorm_site(env: Env, a: ir.Value, b: ir.Value, out: ir.Value | None) -> bool:
     """Whether ``out = a + b`` is a residual sum that onnxruntime's CPU EP would fuse with
-    its LayerNormalization into the slow ``SkipLayerNormalization``: the target is ``cpu``,
-    ``a`` and ``b`` are computed tensors (a constant is a bias, not a skip input), and the
-    sum's only use is a LayerNormalization's input 0. The substitution plugin's
-    ``sum_to_add`` asks this too, so that it does not undo ``layernorm_residual_sum``."""
+    the LayerNorm after it into the slow ``SkipLayerNormalization``: the target is
+    ``cpu``, ``a`` and ``b`` are computed tensors (a constant is a bias, not a skip input),
+    and the sum feeds only a LayerNorm, as a LayerNormalization's input 0 or as the head
+    of a decomposed one (which onnxruntime's LayerNormFusion turns into LayerNormalization
+    first, at any opset). The substitution plugin's ``sum_to_add`` asks this too, so that
+    it does not undo ``layernorm_residual_sum``."""
     if env.ctx.target != "cpu" or out is None or out.is_graph_output():
         return False
     if out.dtype not in _LN_TYPES or const(a) is not None or const(b) is not None:
         return False
-    uses = out.uses()
-    if len(uses) != 1:
+    return feeds_only_layernorm(out)
+
+
+def feeds_only_layernorm(out: ir.Value) -> bool:
+    """``out`` is used only as a LayerNormalization's input 0, or only by the head of a
+    decomposed LayerNorm: ``ReduceMean(out)`` and one or more ``Sub(out, ReduceMean(out))``
+    (older torch exports repeat the Sub), the pattern onnxruntime's LayerNormFusion
+    starts from."""
+    onnx_domain = ("", "ai.onnx")
+    uses = [(u, i) for u, i in out.uses()]
+    if len(uses) == 1:
+        user, index = uses[0]
+        return index == 0 and user.op_type == "LayerNormalization" and user.domain in onnx_domain
+    means = [u for u, i in uses if i == 0 and u.op_type == "ReduceMean" and u.domain in onnx_domain]
+    if len(means) != 1 or len(uses) < 2:
         return False
-    user, index = uses[0]
-    return index == 0 and user.op_type == "LayerNormalization" and user.domain in ("", "ai.onnx")
+    mean = means[0].outputs[0]
+    return all(
+        i == 0 and u.op_type == "Sub" and u.domain in onnx_domain and len(u.inputs) == 2
+        and u.inputs[1] is mean
+        for u, i in uses if u is not means[0]
+    )
 
 
 class ResidualSum(Rule):

@@ -85,11 +85,9 @@ class FuseLayerNorm(FusionPass):
     name = "fuse-layernorm"
     summary = ("Decomposed LayerNorm -> LayerNormalization (opset >= 17); RMSNorm -> "
                "RMSNormalization (opset >= 23); for the cpu target, the residual Add before a "
-               "LayerNormalization -> Sum (keeps onnxruntime's slow CPU SkipLayerNormalization "
-               "out)")
+               "LayerNorm -> Sum (keeps onnxruntime's slow CPU SkipLayerNormalization out)")
     tolerance = graphopt.Tolerance.APPROXIMATE
-    requires = graphopt.Requirements(min_opset=17)
-    order = 120
+    order = 120  # no opset requirement: each rule checks its own (layernorm_residual_sum: none)
     needs_shapes = True
 
     def rules(self, env: Env) -> list[FusionRule]:

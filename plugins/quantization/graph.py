@@ -134,12 +134,29 @@ def ort_optimize(model: onnx.ModelProto, level: str = "basic") -> onnx.ModelProt
         return onnx.load(path)
 
 
+def _feeds_only_layernorm(name: str, users: list[onnx.NodeProto]) -> bool:
+    """``name`` is used only as a LayerNormalization's input 0 or by the head of a
+    decomposed LayerNorm (``ReduceMean(x)``, ``Sub(x, ReduceMean(x))``); the proto form of
+    ``graphopt_plugins.fusion.layernorm.feeds_only_layernorm``."""
+    onnx_domain = ("", "ai.onnx")
+    if len(users) == 1:
+        u = users[0]
+        return u.op_type == "LayerNormalization" and u.domain in onnx_domain and u.input[0] == name
+    means = [u for u in users if u.op_type == "ReduceMean" and u.domain in onnx_domain
+             and u.input[0] == name]
+    if len(means) != 1 or len(users) < 2:
+        return False
+    mean = means[0].output[0]
+    return all(u.op_type == "Sub" and u.domain in onnx_domain and list(u.input) == [name, mean]
+               for u in users if u is not means[0])
+
+
 def sum_to_add(model: onnx.ModelProto) -> int:
     """Rewrite ``Sum(a, b, ...)`` as a chain of ``Add`` (exact for 2 inputs; the same
     left-to-right order otherwise). onnxruntime has no integer Sum but does have QLinearAdd.
 
-    A two-input Sum whose only consumer is a LayerNormalization stays: fuse-layernorm wrote
-    it for the residual sum, which onnxruntime would otherwise fuse with the norm into its
+    A two-input Sum that feeds only a LayerNorm stays: fuse-layernorm wrote it for the
+    residual sum, which onnxruntime would otherwise fuse with the norm into its
     CPU SkipLayerNormalization, several times slower (plugins/fusion/MEASURED.md); the
     residual stream is left in float either way."""
     users: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
@@ -153,10 +170,8 @@ def sum_to_add(model: onnx.ModelProto) -> int:
         if node.op_type != "Sum" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             out.append(node)
             continue
-        after = users[node.output[0]]
-        if (len(node.input) == 2 and node.output[0] not in outputs and len(after) == 1
-                and after[0].op_type == "LayerNormalization"
-                and after[0].domain in ("", "ai.onnx") and after[0].input[0] == node.output[0]):
+        if (len(node.input) == 2 and node.output[0] not in outputs
+                and _feeds_only_layernorm(node.output[0], users[node.output[0]])):
             out.append(node)
             continue
         changed += 1

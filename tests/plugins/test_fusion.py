@@ -133,7 +133,8 @@ def test_passes_are_registered_at_O1_in_the_fusion_band():
         assert all(100 <= o <= 199 for o in cls.positions())
         assert callable(getattr(cls, "explain", None))
     assert FuseReshapeChains.tolerance is graphopt.Tolerance.EXACT
-    assert FuseLayerNorm.requires.min_opset == 17
+    # each LayerNorm rule checks the opset itself; layernorm_residual_sum needs none
+    assert FuseLayerNorm.requires.min_opset is None
 
 
 # --------------------------------------------------------------------------- fuse-bn
@@ -802,7 +803,7 @@ def test_layernorm_per_token_scale_is_not_folded_into_the_op():
 def test_layernorm_needs_opset_17():
     m = layernorm_model(opset=13)
     result = graphopt.optimize(m, pipeline="fuse-layernorm")
-    assert result.report.passes[0].status == "skipped"
+    assert result.report.passes[0].status == "no-op"
     assert reasons(explain(FuseLayerNorm(), m), "layernorm") == [
         "opset 13 < 17: LayerNormalization needs opset 17"
     ]
@@ -877,6 +878,26 @@ def test_residual_add_before_layernorm_becomes_sum_on_cpu(tmp_path):
     # CPU kernel is several times slower (plugins/fusion/MEASURED.md); Sum is not matched
     assert ort_fused_op_types(m, tmp_path)["SkipLayerNormalization"] == 1
     assert ort_fused_op_types(out, tmp_path)["SkipLayerNormalization"] == 0
+
+
+def test_residual_add_before_a_decomposed_layernorm_becomes_sum_at_any_opset(tmp_path):
+    # opset 14: no LayerNormalization op, but onnxruntime fuses the decomposed form into one
+    # and then, given the shapes, Add + LayerNormalization into SkipLayerNormalization
+    ln = layernorm_model(opset=14, x_shape=(1, 16, 8))
+    g = ln.graph
+    for n in g.node:  # x := a + b, the residual sum at the head of the norm
+        n.input[:] = ["r" if i == "x" else i for i in n.input]
+    g.node.insert(0, node("Add", ["a", "b"], ["r"], name="residual"))
+    del g.input[:]
+    g.input.extend([vi("a", [1, 16, 8]), vi("b", [1, 16, 8])])
+    onnx.checker.check_model(ln)
+    out, result = fuse(FuseLayerNorm(), ln)
+    assert result.stats["layernorm_residual_sum"] == 1 and result.stats["layernorm"] == 0
+    assert counts(out)["Sum"] == 1 and counts(out)["Add"] == counts(ln)["Add"] - 1
+    assert_numerics_preserved(ln, out)
+    before, after = ort_fused_op_types(ln, tmp_path), ort_fused_op_types(out, tmp_path)
+    assert before["SkipLayerNormalization"] == 1
+    assert after["SkipLayerNormalization"] == 0 and after["LayerNormalization"] == 1
 
 
 @pytest.mark.parametrize("target", ["generic", "cuda"])

@@ -364,6 +364,16 @@ def test_sum_to_add_and_error_compensating_rounding():
         [numpy_helper.from_array(np.ones(8, np.float32), "g")]),
         opset_imports=[helper.make_opsetid("", 17)])
     assert qg.sum_to_add(ln) == 0 and _ops(ln)["Sum"] == 1
+    head = helper.make_model(helper.make_graph(  # ... or the head of a decomposed one
+        [helper.make_node("Sum", ["x", "z"], ["r"]),
+         helper.make_node("ReduceMean", ["r"], ["mu"], axes=[-1]),
+         helper.make_node("Sub", ["r", "mu"], ["y"])],
+        "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8]) for n in "xz"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])]),
+        opset_imports=[helper.make_opsetid("", 14)])
+    assert qg.sum_to_add(head) == 0
+    head.graph.node[2].input[1] = "x"  # not the norm's pattern: the Sum is just a sum
+    assert qg.sum_to_add(head) == 1
     # GPTQ-style rounding never has a larger layer error than round-to-nearest
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 24))
