@@ -219,6 +219,9 @@ class FusionRule:
             a near miss (large patterns only); None: only full matches and failed checks.
         quiet: never report near misses (single-node "is this a no-op" rules, whose failed
             check only says the node does something).
+        needs_any: the rule can only match in a model that also has one of these op types
+            (what its check looks for beyond the pattern, e.g. a consumer); without one it
+            is not run at all, like a rule whose pattern's op types are missing.
     """
 
     name: str
@@ -227,6 +230,7 @@ class FusionRule:
     commute: bool = False
     near_miss_nodes: int | None = None
     quiet: bool = False
+    needs_any: frozenset[str] = frozenset()
     _variants: list[RewriteRule] = field(default_factory=list, init=False, repr=False)
     _required: list[frozenset[str]] = field(default_factory=list, init=False, repr=False)
 
@@ -244,6 +248,8 @@ class FusionRule:
     def rule_set(self, present: set[str]) -> RewriteRuleSet | None:
         """The variants that may match a model whose op types are ``present``, as one
         rule set (one dispatching rule where possible); None if none may."""
+        if self.needs_any and not self.needs_any & present:
+            return None
         live = [v for v, req in zip(self.variants(), self._required) if req <= present]
         if not live:
             return None

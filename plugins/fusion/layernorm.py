@@ -316,7 +316,8 @@ class ResidualSum(Rule):
         return op.Add(a, b, _outputs=["out"])
 
     def check(self, context, a, b, out=None, **_):
-        return skip_layernorm_site(self.env, a, b, out)
+        # Sum broadcasts like Add from opset 8 on
+        return opset_of(context.model) >= 8 and skip_layernorm_site(self.env, a, b, out)
 
     def rewrite(self, op, a, b, **_):
         return op.Sum(a, b, _name=self.env.fresh("Sum"))
@@ -333,5 +334,7 @@ def rules(env: Env) -> list[FusionRule]:
                    near_miss_nodes=6),
         FusionRule("rmsnorm", both(RmsNorm), commute=True, near_miss_nodes=5),
         FusionRule("rmsnorm_no_scale", both(RmsNormNoScale), commute=True, near_miss_nodes=5),
-        FusionRule("layernorm_residual_sum", [ResidualSum.rule(env)], quiet=True),
-    ]
+    ] + ([
+        FusionRule("layernorm_residual_sum", [ResidualSum.rule(env)], quiet=True,
+                   needs_any=frozenset({"LayerNormalization", "ReduceMean"})),
+    ] if env.ctx.target == "cpu" else [])

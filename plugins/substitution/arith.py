@@ -33,7 +33,7 @@ Other substitutions:
   extra rounding of 1/c). The Mul is ~1.9x faster than the Div in onnxruntime.
 * ``sum_to_add``: ``Sum(a) = a`` and ``Sum(a, b) = Add(a, b)`` (EXACT: the same one IEEE
   addition; onnxruntime fuses an Add, not a Sum, into neighbouring kernels). Except, for
-  the cpu target, a residual Sum whose only consumer is a LayerNormalization: fuse-layernorm's
+  the cpu target, a residual Sum that feeds only a LayerNorm: fuse-layernorm's
   ``layernorm_residual_sum`` wrote it to keep onnxruntime from fusing the pair into its slow
   CPU SkipLayerNormalization.
 
@@ -243,7 +243,7 @@ class SumPair(Rule):
         if opset_of(context.model) < 7:
             raise fail("opset < 7: Add's broadcasting differs from Sum's")
         if skip_layernorm_site(self.env, a, b, out):
-            raise Skip("a residual Sum before LayerNormalization stays a Sum (cpu target)")
+            raise Skip("a residual Sum before a LayerNorm stays a Sum (cpu target)")
         return True
 
     def rewrite(self, op, a, b, **_):
