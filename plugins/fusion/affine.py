@@ -1,16 +1,19 @@
-"""Mul / Add by a per-channel constant after Conv, ConvTranspose or Gemm, folded into the
-producer's weight and bias.
+"""Mul / Add / Sub by a per-channel constant after Conv, ConvTranspose or Gemm, folded into
+the producer's weight and bias.
 
 With the producer ``y = W * x + b`` and a constant ``c`` that varies only along the
 output-channel axis (axis 1 of a convolution output, the last axis of Gemm's ``[M, N]``)::
 
     Mul:  y * c = (W * c) * x + b * c        ->  W' = W * c,  b' = b * c
     Add:  y + c = W * x + (b + c)            ->  b' = b + c
+    Sub:  y - c = W * x + (b - c)            ->  b' = b - c
 
-(``Mul(c, y)`` and ``Add(c, y)`` too.) ``c`` must be broadcast-compatible without
-changing the output shape: rank at most the output rank, 1 on every axis except the
-channel axis, where it is 1 or the channel count. A Mul/Add whose other operand is not a
-constant (a residual Add) is not a candidate and is not reported as a near miss.
+(``Mul(c, y)`` and ``Add(c, y)`` too; ``Sub(c, y)`` is not folded.) ``Sub`` is how some
+converters write a frozen BatchNorm: ``(y - mean) * scale + beta``. ``c`` must be
+broadcast-compatible without changing the output shape: rank at most the output rank, 1 on
+every axis except the channel axis, where it is 1 or the channel count. A Mul/Add/Sub
+whose other operand is not a constant (a residual Add) is not a candidate and is not
+reported as a near miss.
 
 Rules are graphopt's own. onnxscript 0.7.2's ``conv_affine_fusion_rule`` handles only a
 scalar Mul followed by a scalar Add after a Conv that has a bias, and needs initializers.
@@ -29,7 +32,7 @@ __all__ = ["rules"]
 
 class _AffineFold(Rule):
     producer: ClassVar[str] = ""
-    binary: ClassVar[str] = ""  # Mul | Add
+    binary: ClassVar[str] = ""  # Mul | Add | Sub
 
     def pattern(self, op, x, c):
         y = getattr(op, self.producer)(x, _allow_other_inputs=True, _outputs=["lin_out"])
@@ -45,14 +48,14 @@ class _AffineFold(Rule):
         if self.binary == "Mul":
             self._plan = (lin, vec, np.zeros(n))
         else:
-            self._plan = (lin, np.ones(n), vec)
+            self._plan = (lin, np.ones(n), -vec if self.binary == "Sub" else vec)
         return True
 
     def rewrite(self, op, x, **_):
         lin, s, t = self._plan
         w2, b2, overrides = _linear.fold(lin, s, t)
         return _linear.emit(self.env, op, lin, x, w2, b2, overrides,
-                            "mulfold" if self.binary == "Mul" else "addfold")
+                            f"{self.binary.lower()}fold")
 
 
 def _make(producer: str, binary: str) -> type[_AffineFold]:
@@ -65,9 +68,9 @@ _SNAKE = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "gemm"}
 
 def rules(env: Env) -> list[FusionRule]:
     out = []
-    for binary in ("Mul", "Add"):
+    for binary in ("Mul", "Add", "Sub"):
         for producer in ("Conv", "ConvTranspose", "Gemm"):
             cls = _make(producer, binary)
             out.append(FusionRule(f"{binary.lower()}_into_{_SNAKE[producer]}",
-                                  [cls.rule(env)], commute=True))
+                                  [cls.rule(env)], commute=binary != "Sub"))
     return out

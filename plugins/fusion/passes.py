@@ -37,8 +37,8 @@ __all__ = [
 
 class FuseBatchNorm(FusionPass):
     name = "fuse-bn"
-    summary = ("Fold BatchNormalization and per-channel Mul/Add constants into the preceding "
-               "Conv/ConvTranspose/Gemm/MatMul weights")
+    summary = ("Fold BatchNormalization and per-channel Mul/Add/Sub constants into the "
+               "preceding Conv/ConvTranspose/Gemm/MatMul weights")
     tolerance = graphopt.Tolerance.APPROXIMATE
     order = 115
     needs_shapes = True
@@ -61,7 +61,8 @@ class FuseMatMulAdd(FusionPass):
 class FuseReshapeChains(FusionPass):
     name = "fuse-reshape-chains"
     summary = ("Merge or remove chains of Transpose / Reshape / Squeeze / Unsqueeze / Flatten "
-               "and lossless Cast chains")
+               "and lossless Cast chains; move a Transpose down through elementwise ops to the "
+               "Transpose that undoes it")
     tolerance = graphopt.Tolerance.EXACT
     order = 100
     needs_shapes = True

@@ -18,6 +18,20 @@
 * ``squeeze_unsqueeze``: ``Unsqueeze(Squeeze(x, a), a) = x`` and
   ``Squeeze(Unsqueeze(x, a), a) = x`` (the same axes in the same rank). graphopt's.
 
+* ``transpose_sink``: ``f(Transpose(x, p)) = Transpose(f'(x), p)`` for an elementwise op
+  ``f``: a unary one (Relu, Sigmoid, Clip, LeakyRelu, Cast, ...; attributes and Clip's
+  bounds kept) or a binary one (Add, Sub, Mul, Div, Pow, Max, Min) whose other operand is a
+  constant ``c`` of rank <= r, which becomes ``c'`` = ``c`` (left-padded with 1s to rank r)
+  transposed by the inverse of ``p``; broadcasting is per axis, so it commutes with the
+  permutation. Only when the Transpose's single consumer chain of such ops reaches a
+  Transpose that undoes ``p``: the Transpose then moves down one op per rewrite until
+  ``transpose_transpose`` cancels the pair, and a Transpose that would not cancel is never
+  moved. Some exports of channels-last (TensorFlow/Keras-born) models wrap every Conv in a
+  Transpose pair and apply the BatchNorm as Sub/Mul/Add in NHWC between them; once the pair
+  cancels, fuse-bn folds those into the Conv and fuse-conv-activation fuses the Relu.
+  graphopt's (onnxruntime's C++ transpose optimizer does this inside the session;
+  onnxscript 0.7.2 has no equivalent rule).
+
 Transposes that cancel and no-op ops become an Identity, which the pass removes unless its
 output is a graph output.
 """
@@ -203,8 +217,115 @@ class ReshapeReshape(os_basic.ReshapeReshape):
         return result
 
 
+_ONNX = ("", "ai.onnx")
+_SINK_UNARY = (
+    "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Erf",
+    "Floor", "Ceil", "Round", "Sign", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid",
+    "HardSwish", "Softplus", "Softsign", "Identity", "Clip", "Cast",
+)  # fmt: skip
+_SINK_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")
+
+
+def _perm(node: ir.Node, r: int | None) -> list[int] | None:
+    attr = node.attributes.get("perm")
+    if attr is not None:
+        return [int(a) for a in attr.as_ints()]
+    return None if r is None else list(range(r))[::-1]
+
+
+def _sink_step(node: ir.Node, v: ir.Value, r: int) -> bool:
+    """Whether ``node``, consuming ``v``, is an elementwise op a Transpose of rank ``r`` can
+    move past: a unary op (v its first input; Clip's bounds constant), or a binary op whose
+    other operand is a constant of rank <= r."""
+    if node.domain not in _ONNX:
+        return False
+    if node.op_type in _SINK_UNARY:
+        return node.inputs[0] is v and all(
+            i is None or const(i) is not None for i in node.inputs[1:]
+        )
+    if node.op_type in _SINK_BINARY and len(node.inputs) == 2:
+        other = node.inputs[1] if node.inputs[0] is v else node.inputs[0]
+        c = const(other)
+        return other is not v and c is not None and c.ndim <= r
+    return False
+
+
+def _cancelled_below(v: ir.Value, p: list[int]) -> bool:
+    """Whether ``v`` (a Transpose(., p) output, or an op's after it) flows through a single
+    consumer chain of elementwise ops into a Transpose that undoes ``p``."""
+    for _ in range(64):
+        uses = list(v.uses())
+        if v.is_graph_output() or len(uses) != 1:
+            return False
+        node = uses[0][0]
+        if node.op_type == "Transpose" and node.domain in _ONNX:
+            q = _perm(node, len(p))
+            return q is not None and [p[i] for i in q] == list(range(len(p)))
+        if not _sink_step(node, v, len(p)):
+            return False
+        v = node.outputs[0]
+    return False
+
+
+class _TransposeSink(Rule):
+    """``f(Transpose(x, p), [c]) -> Transpose(f(x, [c']), p)`` (see the module docstring)."""
+
+    def __init__(self, env: Env, op_type: str, left: bool = True) -> None:
+        super().__init__(env, f"TransposeSink{op_type}{'' if left else 'Right'}")
+        self.op_type, self.left = op_type, left
+
+    def check(self, context, x, t=None, u=None, **_):
+        if t is None or u is None:
+            raise Skip("no match")
+        p = _perm(t.producer(), rank(x))  # the perm gives the rank (a new value has no shape)
+        if p is None:
+            raise Skip("Transpose without perm on an input of unknown rank")
+        r = len(p)
+        if not _sink_step(u.producer(), t, r):
+            raise Skip("not an elementwise op a Transpose can pass")
+        if not _cancelled_below(u, p):
+            raise Skip("no Transpose below undoes this one")
+        self._p = p
+        return True
+
+    def rewrite(self, op, x, t=None, u=None, **_):
+        node, p = u.producer(), self._p
+        inputs = list(node.inputs)
+        if node.op_type in _SINK_BINARY:
+            i = 0 if inputs[0] is t else 1
+            c = const(inputs[1 - i])
+            if c.size > 1:  # per-axis: pad to rank r, then undo the permutation
+                c = np.transpose(c.reshape((1,) * (len(p) - c.ndim) + c.shape), np.argsort(p))
+                inputs[1 - i] = self.env.initializer(op, c, "sunk_const")
+            inputs[i] = x
+        else:
+            inputs[0] = x
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        y = getattr(op, node.op_type)(*inputs, **attrs, _name=self.env.fresh(node.op_type))
+        return op.Transpose(y, perm=p, _name=self.env.fresh("Transpose"))
+
+
+class TransposeSinkUnary(_TransposeSink):
+    def pattern(self, op, x):
+        t = op.Transpose(x, _allow_other_attributes=True, _outputs=["t"])
+        return getattr(op, self.op_type)(t, _allow_other_inputs=True,
+                                         _allow_other_attributes=True, _outputs=["u"])
+
+
+class TransposeSinkBinary(_TransposeSink):
+    def pattern(self, op, x, c):
+        t = op.Transpose(x, _allow_other_attributes=True, _outputs=["t"])
+        make = getattr(op, self.op_type)
+        return make(t, c, _outputs=["u"]) if self.left else make(c, t, _outputs=["u"])
+
+
 def rules(env: Env) -> list[FusionRule]:
     return [
+        FusionRule("transpose_sink",
+                   [TransposeSinkUnary.rule(env, o) for o in _SINK_UNARY]
+                   + [TransposeSinkBinary.rule(env, o, left)
+                      for o in _SINK_BINARY for left in (True, False)],
+                   quiet=True),
         FusionRule("transpose_transpose", [os_basic.TransposeTranspose.rule()],
                    origin="onnxscript"),
         FusionRule("transpose_identity", [os_basic.TransposeIdentity.rule()],

@@ -306,7 +306,8 @@ def conv_then(op, c_arr, *, swap=False, bias=True):
 
 @pytest.mark.parametrize(
     "op,swap,bias",
-    [("Mul", False, True), ("Mul", True, False), ("Add", False, False), ("Add", True, True)],
+    [("Mul", False, True), ("Mul", True, False), ("Add", False, False), ("Add", True, True),
+     ("Sub", False, True), ("Sub", False, False)],
 )
 def test_per_channel_mul_add_into_conv(op, swap, bias):
     c = RNG.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32)
@@ -315,6 +316,31 @@ def test_per_channel_mul_add_into_conv(op, swap, bias):
     assert result.stats[f"{op.lower()}_into_conv"] == 1 and op_types(out) == ["Conv"]
     assert_numerics_preserved(m, out)
     assert_idempotent(FuseBatchNorm(), m)
+
+
+def test_constant_minus_conv_is_not_folded():
+    m = conv_then("Sub", RNG.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32), swap=True)
+    _out, result = fuse(FuseBatchNorm(), m)
+    assert not result.modified  # c - y would need W negated: not a rule
+
+
+def test_frozen_batchnorm_as_sub_mul_add_folds_into_conv():
+    # (y - mean) * scale + beta, the way some converters write an inference BatchNorm
+    inits = [init("w", f32(4, 3, 3, 3, scale=0.3)), init("b", f32(4)),
+             init("mean", f32(1, 4, 1, 1)), init("scale", RNG.uniform(0.5, 2, (1, 4, 1, 1))
+                                                 .astype(np.float32)),
+             init("beta", f32(1, 4, 1, 1))]
+    nodes = [
+        node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3]),
+        node("Sub", ["y", "mean"], ["c"], name="sub"),
+        node("Mul", ["c", "scale"], ["s"], name="mul"),
+        node("Add", ["s", "beta"], ["z"], name="add"),
+    ]
+    m = model(nodes, [vi("x", [1, 3, 6, 6])], [vi("z", None)], inits)
+    out, result = fuse(FuseBatchNorm(), m)
+    assert op_types(out) == ["Conv"]
+    assert result.stats["sub_into_conv"] == result.stats["mul_into_conv"] == 1
+    assert_numerics_preserved(m, out)
 
 
 def test_mul_not_folded_when_not_per_channel():
@@ -461,6 +487,55 @@ def test_transposes_compose_into_one():
     out, _result = fuse(FuseReshapeChains(), m)
     assert op_types(out) == ["Transpose"]
     assert_numerics_preserved(m, out, graphopt.Tolerance.EXACT)
+
+
+def nhwc_sandwich(last="Transpose", extra_use=False):
+    """Conv-style NCHW x moved to NHWC, a BatchNorm as Sub/Mul/Add with [1, 1, 1, C]
+    constants, LeakyRelu and a Clip, a Div by a scalar, then (``last``) back to NCHW."""
+    c = 3
+    inits = [init("mean", f32(1, 1, 1, c)), init("scale", RNG.uniform(0.5, 2, (c,))
+                                                  .astype(np.float32)),
+             init("beta", f32(1, 1, c)), init("lo", np.float32(-1)), init("hi", np.float32(2)),
+             init("two", np.float32(2))]
+    nodes = [
+        node("Transpose", ["x"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        node("Sub", ["t", "mean"], ["a"], name="sub"),
+        node("Mul", ["scale", "a"], ["b"], name="mul"),  # constant first
+        node("Add", ["b", "beta"], ["d"], name="add"),  # rank-3 constant
+        node("LeakyRelu", ["d"], ["e"], name="lrelu", alpha=0.2),
+        node("Clip", ["e", "lo", "hi"], ["f"], name="clip"),
+        node("Div", ["f", "two"], ["g"], name="div"),
+    ]
+    outs = [vi("z", None)]
+    if last == "Transpose":
+        nodes.append(node("Transpose", ["g"], ["z"], name="to_nchw", perm=[0, 3, 1, 2]))
+    else:
+        nodes.append(node("Relu", ["g"], ["z"], name="relu"))
+    if extra_use:
+        nodes.append(node("Relu", ["d"], ["w"], name="other"))
+        outs.append(vi("w", None))
+    return model(nodes, [vi("x", [2, c, 4, 5])], outs, inits)
+
+
+def test_transpose_sinks_through_elementwise_ops_until_it_cancels():
+    m = nhwc_sandwich()
+    out, result = fuse(FuseReshapeChains(), m)
+    assert result.stats["transpose_sink"] == 6 and result.stats["transpose_transpose"] == 1
+    # (the Identity keeps the graph output's name where the cancelled pair was)
+    assert op_types(out) == ["Sub", "Mul", "Add", "LeakyRelu", "Clip", "Div", "Identity"]
+    shapes = {v.name: tuple(v.const_value.shape) for v in out.graph.initializers.values()}
+    assert sorted(s for s in shapes.values() if len(s) > 0) == [(1, 3, 1, 1)] * 3
+    lrelu = next(n for n in out.graph if n.op_type == "LeakyRelu")
+    assert lrelu.attributes["alpha"].as_float() == pytest.approx(0.2)
+    assert_numerics_preserved(m, out, graphopt.Tolerance.EXACT)
+    assert_idempotent(FuseReshapeChains(), m)
+
+
+@pytest.mark.parametrize("case", [{"last": "Relu"}, {"extra_use": True}])
+def test_transpose_not_moved_unless_it_cancels(case):
+    # no Transpose below to cancel with, or a consumer off the chain: leave it where it is
+    _out, result = fuse(FuseReshapeChains(), nhwc_sandwich(**case))
+    assert result.stats["transpose_sink"] == 0
 
 
 def test_static_shape_chain_becomes_one_reshape_or_nothing():
