@@ -38,6 +38,8 @@ output is a graph output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
 from graphopt_plugins.fusion._base import (
@@ -267,6 +269,23 @@ def _cancelled_below(v: ir.Value, p: list[int]) -> bool:
     return False
 
 
+def _sink_possible(graphs: Sequence[ir.Graph]) -> bool:
+    """Whether some Transpose could sink to a Transpose that undoes it (the rule's
+    precheck: one walk over the op types, the look-ahead only from Transposes)."""
+    for g in graphs:
+        for node in g:
+            if node.op_type != "Transpose" or node.domain not in _ONNX:
+                continue
+            p = _perm(node, rank(node.inputs[0]))
+            out = node.outputs[0]
+            uses = list(out.uses())
+            if p is None or len(uses) != 1 or not _sink_step(uses[0][0], out, len(p)):
+                continue
+            if _cancelled_below(uses[0][0].outputs[0], p):
+                return True
+    return False
+
+
 class _TransposeSink(Rule):
     """``f(Transpose(x, p), [c]) -> Transpose(f(x, [c']), p)`` (see the module docstring)."""
 
@@ -325,7 +344,7 @@ def rules(env: Env) -> list[FusionRule]:
                    [TransposeSinkUnary.rule(env, o) for o in _SINK_UNARY]
                    + [TransposeSinkBinary.rule(env, o, left)
                       for o in _SINK_BINARY for left in (True, False)],
-                   quiet=True),
+                   quiet=True, precheck=_sink_possible),
         FusionRule("transpose_transpose", [os_basic.TransposeTranspose.rule()],
                    origin="onnxscript"),
         FusionRule("transpose_identity", [os_basic.TransposeIdentity.rule()],

@@ -534,8 +534,14 @@ def test_transpose_sinks_through_elementwise_ops_until_it_cancels():
 @pytest.mark.parametrize("case", [{"last": "Relu"}, {"extra_use": True}])
 def test_transpose_not_moved_unless_it_cancels(case):
     # no Transpose below to cancel with, or a consumer off the chain: leave it where it is
-    _out, result = fuse(FuseReshapeChains(), nhwc_sandwich(**case))
+    m = nhwc_sandwich(**case)
+    _out, result = fuse(FuseReshapeChains(), m)
     assert result.stats["transpose_sink"] == 0
+    # the rule's precheck says so before any node is offered to the matcher
+    from graphopt_plugins.fusion.reshape import _sink_possible
+
+    assert not _sink_possible([to_ir(m).graph])
+    assert _sink_possible([to_ir(nhwc_sandwich()).graph])
 
 
 def test_static_shape_chain_becomes_one_reshape_or_nothing():
