@@ -10,7 +10,7 @@ fuse-reshape-chains  100   transpose_sink, transpose_transpose*,                
 fuse-pad             105   pad_into_conv, pad_into_avgpool, pad_into_maxpool        APPROXIMATE
 fuse-matmul-add      110   matmul_add_to_gemm*                                      APPROXIMATE
 fuse-bn              115   bn_into_{conv,conv_transpose,gemm,matmul},               APPROXIMATE
-                           {mul,add,sub}_into_{conv,conv_transpose,gemm}
+                           {mul,add,sub,div}_into_{conv,conv_transpose,gemm}
 fuse-layernorm       120   layernorm, layernorm_no_bias, layernorm_no_affine,       APPROXIMATE
                            (opset >= 17), rmsnorm, rmsnorm_no_scale (opset >= 23),
                            layernorm_residual_sum (cpu target, any opset)

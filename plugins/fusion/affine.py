@@ -7,11 +7,13 @@ output-channel axis (axis 1 of a convolution output, the last axis of Gemm's ``[
     Mul:  y * c = (W * c) * x + b * c        ->  W' = W * c,  b' = b * c
     Add:  y + c = W * x + (b + c)            ->  b' = b + c
     Sub:  y - c = W * x + (b - c)            ->  b' = b - c
+    Div:  y / c = (W / c) * x + b / c        ->  W' = W / c,  b' = b / c   (c has no zero)
 
-(``Mul(c, y)`` and ``Add(c, y)`` too; ``Sub(c, y)`` is not folded.) ``Sub`` is how some
-converters write a frozen BatchNorm: ``(y - mean) * scale + beta``. ``c`` must be
+(``Mul(c, y)`` and ``Add(c, y)`` too; ``Sub(c, y)`` and ``Div(c, y)`` are not folded.)
+``Sub`` and ``Div`` are how some converters write a frozen BatchNorm: ``(y - mean) * scale
++ beta`` or ``(y - mean) / std * gamma + beta``. ``c`` must be
 broadcast-compatible without changing the output shape: rank at most the output rank, 1 on
-every axis except the channel axis, where it is 1 or the channel count. A Mul/Add/Sub
+every axis except the channel axis, where it is 1 or the channel count. A binary op
 whose other operand is not a constant (a residual Add) is not a candidate and is not
 reported as a near miss.
 
@@ -25,14 +27,14 @@ from typing import ClassVar
 
 import numpy as np
 from graphopt_plugins.fusion import _linear
-from graphopt_plugins.fusion._base import Env, FusionRule, Rule, Skip, const
+from graphopt_plugins.fusion._base import Env, FusionRule, Rule, Skip, const, fail
 
 __all__ = ["rules"]
 
 
 class _AffineFold(Rule):
     producer: ClassVar[str] = ""
-    binary: ClassVar[str] = ""  # Mul | Add | Sub
+    binary: ClassVar[str] = ""  # Mul | Add | Sub | Div
 
     def pattern(self, op, x, c):
         y = getattr(op, self.producer)(x, _allow_other_inputs=True, _outputs=["lin_out"])
@@ -47,6 +49,10 @@ class _AffineFold(Rule):
         n = lin.out_channels
         if self.binary == "Mul":
             self._plan = (lin, vec, np.zeros(n))
+        elif self.binary == "Div":
+            if not np.all(np.isfinite(vec)) or np.any(vec == 0):
+                raise fail("Div constant has a zero or a non-finite value")
+            self._plan = (lin, 1.0 / vec, np.zeros(n))
         else:
             self._plan = (lin, np.ones(n), -vec if self.binary == "Sub" else vec)
         return True
@@ -68,9 +74,9 @@ _SNAKE = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "gemm"}
 
 def rules(env: Env) -> list[FusionRule]:
     out = []
-    for binary in ("Mul", "Add", "Sub"):
+    for binary in ("Mul", "Add", "Sub", "Div"):
         for producer in ("Conv", "ConvTranspose", "Gemm"):
             cls = _make(producer, binary)
             out.append(FusionRule(f"{binary.lower()}_into_{_SNAKE[producer]}",
-                                  [cls.rule(env)], commute=binary != "Sub"))
+                                  [cls.rule(env)], commute=binary in ("Mul", "Add")))
     return out

@@ -37,7 +37,7 @@ __all__ = [
 
 class FuseBatchNorm(FusionPass):
     name = "fuse-bn"
-    summary = ("Fold BatchNormalization and per-channel Mul/Add/Sub constants into the "
+    summary = ("Fold BatchNormalization and per-channel Mul/Add/Sub/Div constants into the "
                "preceding Conv/ConvTranspose/Gemm/MatMul weights")
     tolerance = graphopt.Tolerance.APPROXIMATE
     order = 115

@@ -307,7 +307,7 @@ def conv_then(op, c_arr, *, swap=False, bias=True):
 @pytest.mark.parametrize(
     "op,swap,bias",
     [("Mul", False, True), ("Mul", True, False), ("Add", False, False), ("Add", True, True),
-     ("Sub", False, True), ("Sub", False, False)],
+     ("Sub", False, True), ("Sub", False, False), ("Div", False, True)],
 )
 def test_per_channel_mul_add_into_conv(op, swap, bias):
     c = RNG.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32)
@@ -318,10 +318,21 @@ def test_per_channel_mul_add_into_conv(op, swap, bias):
     assert_idempotent(FuseBatchNorm(), m)
 
 
-def test_constant_minus_conv_is_not_folded():
-    m = conv_then("Sub", RNG.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32), swap=True)
+@pytest.mark.parametrize("op", ["Sub", "Div"])
+def test_constant_minus_or_over_conv_is_not_folded(op):
+    m = conv_then(op, RNG.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32), swap=True)
     _out, result = fuse(FuseBatchNorm(), m)
-    assert not result.modified  # c - y would need W negated: not a rule
+    assert not result.modified  # c - y, c / y: not affine in W (or W negated): no rule
+
+
+def test_div_by_zero_not_folded():
+    c = np.array([1.0, 0.0, 2.0, 4.0], np.float32).reshape(1, 4, 1, 1)
+    m = conv_then("Div", c)
+    _out, result = fuse(FuseBatchNorm(), m)
+    assert not result.modified
+    assert reasons(explain(FuseBatchNorm(), m), "div_into_conv") == [
+        "Div constant has a zero or a non-finite value"
+    ]
 
 
 def test_frozen_batchnorm_as_sub_mul_add_folds_into_conv():
