@@ -3,7 +3,7 @@
 ==================== ===== ======================================================= ===========
 pass                 order rules (stats keys)                                       tolerance
 ==================== ===== ======================================================= ===========
-fuse-reshape-chains  100   transpose_sink, transpose_transpose*,                   EXACT
+fuse-reshape-chains  100   transpose_sink, transpose_region, transpose_transpose*, EXACT
                            transpose_identity*, shape_chain,
                            reshape_reshape*, unsqueeze_unsqueeze, squeeze_squeeze,
                            squeeze_unsqueeze, cast_identity*, cast_cast

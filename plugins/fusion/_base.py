@@ -536,8 +536,12 @@ class FusionPass(graphopt.Pass):
         raise NotImplementedError
 
     # -- machinery
+    def _skipped(self) -> set[str]:
+        """The rule names the ``skip`` option lists."""
+        return {s.strip() for s in str(self.config.get("skip", "")).split(",") if s.strip()}
+
     def _active_rules(self, env: Env) -> list[FusionRule]:
-        skipped = {s.strip() for s in str(self.config.get("skip", "")).split(",") if s.strip()}
+        skipped = self._skipped()
         return [r for r in self.rules(env) if r.name not in skipped]
 
     def _prepare(

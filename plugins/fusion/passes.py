@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import onnx_ir as ir
 from graphopt_plugins.fusion import (
     activations,
     affine,
@@ -17,7 +18,7 @@ from graphopt_plugins.fusion import (
     pad,
     reshape,
 )
-from graphopt_plugins.fusion._base import Env, FusionPass, FusionRule
+from graphopt_plugins.fusion._base import Env, FusionPass, FusionRule, _Graphs
 
 import graphopt
 
@@ -61,14 +62,24 @@ class FuseMatMulAdd(FusionPass):
 class FuseReshapeChains(FusionPass):
     name = "fuse-reshape-chains"
     summary = ("Merge or remove chains of Transpose / Reshape / Squeeze / Unsqueeze / Flatten "
-               "and lossless Cast chains; move a Transpose down through elementwise ops to the "
-               "Transpose that undoes it")
+               "and lossless Cast chains; move Transposes through elementwise ops (a chain or "
+               "a whole region) to the Transposes that undo them")
     tolerance = graphopt.Tolerance.EXACT
     order = 100
     needs_shapes = True
 
     def rules(self, env: Env) -> list[FusionRule]:
         return reshape.rules(env) + cast.rules(env)
+
+    def run(self, model: ir.Model, ctx: graphopt.PassContext) -> graphopt.PassResult:
+        # the rules first (their shape inference may read ctx.model_bytes, the model as it
+        # was before this pass), then whole layout regions, which are not a local pattern
+        result = super().run(model, ctx)
+        flipped = 0
+        if "transpose_region" not in self._skipped():
+            flipped = reshape.flip_layout_regions(_Graphs.of(model).main, Env(model, ctx))
+        return graphopt.PassResult(modified=result.modified or flipped > 0,
+                                   stats={**result.stats, "transpose_region": flipped})
 
 
 class FusePad(FusionPass):

@@ -32,6 +32,17 @@
   graphopt's (onnxruntime's C++ transpose optimizer does this inside the session;
   onnxscript 0.7.2 has no equivalent rule).
 
+* ``transpose_region`` (not a pattern: run by the pass after the rules): the region form of
+  ``transpose_sink`` for what a chain cannot reach. A region is the values computed from
+  ``Transpose(., p)`` outputs (its entries) by such elementwise ops, whose other operands
+  are constants or values of the region; it ends at Transposes that undo ``p`` (exits) and
+  at other consumers. When it reaches no graph output or subgraph, it is recomputed in the
+  untransposed layout: entries and exits go, constants are permuted, and each value a
+  non-elementwise consumer still needs in the old layout gets one ``Transpose(., p)``; done
+  only when that removes more Transposes than it inserts. This is what a channels-last
+  model's residual stream needs, where a Conv's output joins the block's input in an Add
+  whose sum feeds both the next block and its shortcut. graphopt's.
+
 Transposes that cancel and no-op ops become an Identity, which the pass removes unless its
 output is a graph output.
 """
@@ -356,3 +367,166 @@ def rules(env: Env) -> list[FusionRule]:
         FusionRule("squeeze_unsqueeze", [SqueezeUnsqueeze.rule(env, "Unsqueeze"),
                                          SqueezeUnsqueeze.rule(env, "Squeeze")]),
     ]
+
+
+# --------------------------------------------------------------------------- layout regions
+
+
+def _entry_above(v: ir.Value, p: list[int]) -> ir.Node | None:
+    """The ``Transpose(., p)`` that ``v`` is computed from through elementwise ops with
+    constant other operands, if any (where a region reached from one operand of a binary
+    op finds the other operand's entry)."""
+    r = len(p)
+    for _ in range(64):
+        node = v.producer()
+        if node is None or node.domain not in _ONNX:
+            return None
+        if node.op_type == "Transpose":
+            return node if _perm(node, r) == p else None
+        if node.op_type in _SINK_UNARY:
+            v = node.inputs[0]
+        elif node.op_type in _SINK_BINARY and len(node.inputs) == 2:
+            a, b = node.inputs
+            if const(b) is not None:
+                v = a
+            elif const(a) is not None:
+                v = b
+            else:
+                return None
+        else:
+            return None
+    return None
+
+
+def _region(t0: ir.Node, p: list[int]) -> tuple[list[ir.Node], list[ir.Node], list[ir.Node],
+                                                 list[tuple[ir.Value, ir.Node, int]]] | None:
+    """The closed layout region ``Transpose(., p)`` output ``t0`` starts: values computed
+    from ``Transpose(., p)`` outputs (entries) by elementwise ops only, with constant or
+    in-region operands. Returns (entries, elementwise nodes, exit Transposes that undo
+    ``p``, other uses (value, node, input index)) or None if the region cannot be flipped
+    (it reaches a graph output, a subgraph, or a binary op with an operand from outside)."""
+    graph = t0.graph
+    r = len(p)
+    entries, inner, exits = [t0], [], []
+    boundary: list[tuple[ir.Value, ir.Node, int]] = []
+    values = {id(t0.outputs[0])}
+    seen = {id(t0)}
+    queue = [t0.outputs[0]]
+    pending: list[ir.Value] = []
+    while queue:
+        v = queue.pop()
+        if v.is_graph_output():
+            return None
+        for node, index in v.uses():
+            if node.graph is not graph:
+                return None
+            if id(node) in seen:
+                continue
+            if node.op_type == "Transpose" and node.domain in _ONNX:
+                q = _perm(node, r)
+                if q is not None and [p[i] for i in q] == list(range(r)) \
+                        and not node.outputs[0].is_graph_output():
+                    seen.add(id(node))
+                    exits.append(node)
+                    continue
+                boundary.append((v, node, index))
+                continue
+            elementwise = node.domain in _ONNX and (
+                (node.op_type in _SINK_UNARY and index == 0
+                 and all(i is None or const(i) is not None for i in node.inputs[1:]))
+                or (node.op_type in _SINK_BINARY and len(node.inputs) == 2))
+            if not elementwise:
+                boundary.append((v, node, index))
+                continue
+            if node.op_type in _SINK_BINARY:
+                other = node.inputs[1 - index]
+                if id(other) not in values:
+                    c = const(other)
+                    if c is not None:
+                        if c.ndim > r:
+                            return None
+                    else:
+                        entry = _entry_above(other, p)
+                        if entry is not None and id(entry) not in seen \
+                                and entry.graph is graph:
+                            seen.add(id(entry))
+                            entries.append(entry)
+                            values.add(id(entry.outputs[0]))
+                            queue.append(entry.outputs[0])
+                        pending.append(other)  # in the region by the end, or no flip
+            seen.add(id(node))
+            inner.append(node)
+            out = node.outputs[0]
+            values.add(id(out))
+            queue.append(out)
+    if any(id(v) not in values for v in pending):
+        return None
+    return entries, inner, exits, boundary
+
+
+def flip_layout_regions(graphs: Sequence[ir.Graph], env: Env) -> int:
+    """Regions between ``Transpose(., p)`` and ``Transpose(., p^-1)`` made of elementwise ops
+    recomputed in the untransposed layout: the entry Transposes go, the exits go, each
+    constant is permuted, and one ``Transpose(., p)`` is inserted per value a non-elementwise
+    consumer still needs in the old layout; done only when that removes more Transposes
+    than it adds. Exact (each op computes the same numbers on permuted data). The region
+    form of ``transpose_sink``, for what a chain cannot reach: a channels-last model's
+    residual stream, where a Conv's output joins the block's input in an Add and the sum
+    feeds both the next block and its shortcut. Returns the number of regions flipped."""
+    flipped = 0
+    for graph in graphs:
+        for t0 in list(graph):
+            if t0.graph is not graph or t0.op_type != "Transpose" or t0.domain not in _ONNX:
+                continue
+            p = _perm(t0, rank(t0.inputs[0]))
+            if p is None or p == list(range(len(p))):
+                continue
+            found = _region(t0, p)
+            if found is None:
+                continue
+            entries, inner, exits, boundary = found
+            kept = {id(v) for v, _, _ in boundary}
+            if len(entries) + len(exits) <= len(kept):
+                continue
+            _flip(graph, env, p, entries, inner, exits, boundary)
+            flipped += 1
+    return flipped
+
+
+def _flip(graph: ir.Graph, env: Env, p: list[int], entries: list[ir.Node],
+          inner: list[ir.Node], exits: list[ir.Node],
+          boundary: list[tuple[ir.Value, ir.Node, int]]) -> None:
+    inv = [int(i) for i in np.argsort(p)]
+    r = len(p)
+    # the old-layout values the boundary still needs, computed once each
+    restored: dict[int, ir.Value] = {}
+    for v, node, index in boundary:
+        if id(v) not in restored:
+            t = ir.Node("", "Transpose", [v], attributes=[ir.AttrInt64s("perm", p)],
+                        name=env.fresh("Transpose"))
+            t.outputs[0].name = env.fresh(f"{v.name or 'value'}_layout")
+            t.outputs[0].dtype = v.dtype
+            t.outputs[0].shape = v.shape
+            graph.insert_after(v.producer() if v.producer() is not None else node, t)
+            restored[id(v)] = t.outputs[0]
+        node.replace_input_with(index, restored[id(v)])
+    for node in inner:
+        for i, x in enumerate(node.inputs):
+            c = const(x) if x is not None else None
+            if i > 0 and node.op_type in _SINK_UNARY:
+                continue  # Clip bounds and the like: scalars
+            if c is not None and c.size > 1:
+                moved = np.transpose(c.reshape((1,) * (r - c.ndim) + c.shape), inv)
+                name = env.fresh("layout_const")
+                value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(moved),
+                                                                   name=name))
+                graph.register_initializer(value)
+                node.replace_input_with(i, value)
+        out = node.outputs[0]
+        if out.shape is not None and len(out.shape) == r:
+            out.shape = ir.Shape([out.shape[inv[k]] for k in range(r)])
+    for t in entries:
+        t.outputs[0].replace_all_uses_with(t.inputs[0])
+    for t in exits:
+        t.outputs[0].replace_all_uses_with(t.inputs[0])
+    graph.remove([*entries, *exits], safe=True)

@@ -555,6 +555,58 @@ def test_transpose_not_moved_unless_it_cancels(case):
     assert _sink_possible([to_ir(nhwc_sandwich()).graph])
 
 
+def nhwc_residual(*, exit_back=True):
+    """Two NCHW branches moved to NHWC, a Sub on one, their residual sum and a Relu; back to
+    NCHW through a Transpose (``exit_back``) and, in NHWC, into a ReduceMean over H, W."""
+    nodes = [
+        node("Relu", ["x"], ["u"], name="u"),
+        node("Sigmoid", ["x"], ["w"], name="w"),
+        node("Transpose", ["u"], ["a"], name="ta", perm=[0, 2, 3, 1]),
+        node("Transpose", ["w"], ["b"], name="tb", perm=[0, 2, 3, 1]),
+        node("Sub", ["a", "c"], ["s"], name="sub"),
+        node("Add", ["s", "b"], ["h"], name="residual"),
+        node("Relu", ["h"], ["r"], name="relu"),
+        node("ReduceMean", ["r"], ["pooled"], name="pool", axes=[1, 2], keepdims=0),
+    ]
+    outputs = [vi("pooled", None)]
+    if exit_back:
+        nodes += [node("Transpose", ["r"], ["back"], name="tback", perm=[0, 3, 1, 2]),
+                  node("Neg", ["back"], ["z"], name="neg")]
+        outputs.append(vi("z", None))
+    return model(nodes, [vi("x", [1, 3, 4, 5])], outputs, [init("c", f32(1, 1, 1, 3))])
+
+
+def test_layout_region_is_flipped_when_it_removes_transposes():
+    m = nhwc_residual()
+    out, result = fuse(FuseReshapeChains(), m)
+    # 2 entries and 1 exit go; the ReduceMean still gets its NHWC input from one Transpose
+    assert result.stats["transpose_region"] == 1
+    assert counts(out)["Transpose"] == 1
+    sub = next(n for n in out.graph if n.op_type == "Sub")
+    assert tuple(sub.inputs[1].const_value.shape) == (1, 3, 1, 1)
+    assert_numerics_preserved(m, out, graphopt.Tolerance.EXACT)
+    assert_idempotent(FuseReshapeChains(), m)
+
+
+def test_layout_region_flipped_only_when_it_saves_transposes():
+    # without the exit: 2 entries removed, but the region's value is needed in NHWC by the
+    # ReduceMean (1 Transpose) -- still a gain; with a graph output inside, never
+    m = nhwc_residual(exit_back=False)
+    out, result = fuse(FuseReshapeChains(), m)
+    assert result.stats["transpose_region"] == 1 and counts(out)["Transpose"] == 1
+    assert_numerics_preserved(m, out, graphopt.Tolerance.EXACT)
+    single = chain([node("Transpose", ["x"], ["t"], name="t", perm=[0, 2, 3, 1]),
+                    node("Relu", ["t"], ["r"], name="relu"),
+                    node("ReduceMean", ["r"], ["z"], name="pool", axes=[1, 2], keepdims=0)],
+                   (1, 3, 4, 5))
+    _out, result = fuse(FuseReshapeChains(), single)  # 1 entry for 1 boundary Transpose
+    assert result.stats["transpose_region"] == 0
+    to_output = chain([node("Transpose", ["x"], ["t"], name="t", perm=[0, 2, 3, 1]),
+                       node("Relu", ["t"], ["z"], name="relu")], (1, 3, 4, 5))
+    _out, result = fuse(FuseReshapeChains(), to_output)  # reaches a graph output
+    assert result.stats["transpose_region"] == 0
+
+
 def test_static_shape_chain_becomes_one_reshape_or_nothing():
     axes = init("axes", np.array([0], dtype=np.int64))
     shape = init("shape", np.array([6, 4], dtype=np.int64))
