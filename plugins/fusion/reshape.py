@@ -398,8 +398,11 @@ def _entry_above(v: ir.Value, p: list[int]) -> ir.Node | None:
     return None
 
 
-def _region(t0: ir.Node, p: list[int]) -> tuple[list[ir.Node], list[ir.Node], list[ir.Node],
-                                                 list[tuple[ir.Value, ir.Node, int]]] | None:
+_Use = tuple[ir.Value, ir.Node, int]
+_Region = tuple[list[ir.Node], list[ir.Node], list[ir.Node], list[_Use]]
+
+
+def _region(t0: ir.Node, p: list[int], tried: set[int]) -> _Region | None:
     """The closed layout region ``Transpose(., p)`` output ``t0`` starts: values computed
     from ``Transpose(., p)`` outputs (entries) by elementwise ops only, with constant or
     in-region operands. Returns (entries, elementwise nodes, exit Transposes that undo
@@ -407,8 +410,9 @@ def _region(t0: ir.Node, p: list[int]) -> tuple[list[ir.Node], list[ir.Node], li
     (it reaches a graph output, a subgraph, or a binary op with an operand from outside)."""
     graph = t0.graph
     r = len(p)
+    tried.add(id(t0))  # each entry found is marked, so a region is walked once, flipped or not
     entries, inner, exits = [t0], [], []
-    boundary: list[tuple[ir.Value, ir.Node, int]] = []
+    boundary: list[_Use] = []
     values = {id(t0.outputs[0])}
     seen = {id(t0)}
     queue = [t0.outputs[0]]
@@ -450,6 +454,7 @@ def _region(t0: ir.Node, p: list[int]) -> tuple[list[ir.Node], list[ir.Node], li
                         if entry is not None and id(entry) not in seen \
                                 and entry.graph is graph:
                             seen.add(id(entry))
+                            tried.add(id(entry))
                             entries.append(entry)
                             values.add(id(entry.outputs[0]))
                             queue.append(entry.outputs[0])
@@ -475,13 +480,14 @@ def flip_layout_regions(graphs: Sequence[ir.Graph], env: Env) -> int:
     feeds both the next block and its shortcut. Returns the number of regions flipped."""
     flipped = 0
     for graph in graphs:
+        tried: set[int] = set()  # entries of a region already weighed (each region once)
         for t0 in list(graph):
             if t0.graph is not graph or t0.op_type != "Transpose" or t0.domain not in _ONNX:
                 continue
             p = _perm(t0, rank(t0.inputs[0]))
-            if p is None or p == list(range(len(p))):
+            if p is None or p == list(range(len(p))) or id(t0) in tried:
                 continue
-            found = _region(t0, p)
+            found = _region(t0, p, tried)
             if found is None:
                 continue
             entries, inner, exits, boundary = found
@@ -494,8 +500,7 @@ def flip_layout_regions(graphs: Sequence[ir.Graph], env: Env) -> int:
 
 
 def _flip(graph: ir.Graph, env: Env, p: list[int], entries: list[ir.Node],
-          inner: list[ir.Node], exits: list[ir.Node],
-          boundary: list[tuple[ir.Value, ir.Node, int]]) -> None:
+          inner: list[ir.Node], exits: list[ir.Node], boundary: list[_Use]) -> None:
     inv = [int(i) for i in np.argsort(p)]
     r = len(p)
     # the old-layout values the boundary still needs, computed once each
