@@ -610,7 +610,12 @@ class FusionPass(graphopt.Pass):
         recorder = _Recorder(owners)
         for r in rules:
             RewriteRuleSet(r.variants()).apply_to_model(work, tracer=recorder)
-        return _summarize(rules, result.stats, recorder.attempts, work.graph)
+        report = _summarize(rules, result.stats, recorder.attempts, work.graph)
+        # what a pass does besides its pattern rules (fuse-reshape-chains' transpose_region)
+        named = {r.name for r in rules}
+        report += [{"rule": k, "origin": "graphopt", "matched": int(v), "near_misses": []}
+                   for k, v in result.stats.items() if k not in named and isinstance(v, int)]
+        return report
 
 
 def _summarize(

@@ -581,6 +581,7 @@ def test_layout_region_is_flipped_when_it_removes_transposes():
     out, result = fuse(FuseReshapeChains(), m)
     # 2 entries and 1 exit go; the ReduceMean still gets its NHWC input from one Transpose
     assert result.stats["transpose_region"] == 1
+    assert explain(FuseReshapeChains(), m)["transpose_region"]["matched"] == 1
     assert counts(out)["Transpose"] == 1
     sub = next(n for n in out.graph if n.op_type == "Sub")
     assert tuple(sub.inputs[1].const_value.shape) == (1, 3, 1, 1)
