@@ -246,16 +246,21 @@ def _perm(node: ir.Node, r: int | None) -> list[int] | None:
     return None if r is None else list(range(r))[::-1]
 
 
+def _unary_of(node: ir.Node, v: ir.Value) -> bool:
+    """Whether ``node`` is an elementwise unary op of ``v`` (its first input; any other
+    input, Clip's bounds, constant)."""
+    return (node.domain in _ONNX and node.op_type in _SINK_UNARY and node.inputs[0] is v
+            and all(i is None or const(i) is not None for i in node.inputs[1:]))
+
+
 def _sink_step(node: ir.Node, v: ir.Value, r: int) -> bool:
     """Whether ``node``, consuming ``v``, is an elementwise op a Transpose of rank ``r`` can
-    move past: a unary op (v its first input; Clip's bounds constant), or a binary op whose
-    other operand is a constant of rank <= r."""
+    move past: a unary op (:func:`_unary_of`), or a binary op whose other operand is a
+    constant of rank <= r."""
     if node.domain not in _ONNX:
         return False
     if node.op_type in _SINK_UNARY:
-        return node.inputs[0] is v and all(
-            i is None or const(i) is not None for i in node.inputs[1:]
-        )
+        return _unary_of(node, v)
     if node.op_type in _SINK_BINARY and len(node.inputs) == 2:
         other = node.inputs[1] if node.inputs[0] is v else node.inputs[0]
         c = const(other)
@@ -435,10 +440,8 @@ def _region(t0: ir.Node, p: list[int], tried: set[int]) -> _Region | None:
                     continue
                 boundary.append((v, node, index))
                 continue
-            elementwise = node.domain in _ONNX and (
-                (node.op_type in _SINK_UNARY and index == 0
-                 and all(i is None or const(i) is not None for i in node.inputs[1:]))
-                or (node.op_type in _SINK_BINARY and len(node.inputs) == 2))
+            elementwise = _unary_of(node, v) or (
+                node.domain in _ONNX and node.op_type in _SINK_BINARY and len(node.inputs) == 2)
             if not elementwise:
                 boundary.append((v, node, index))
                 continue
