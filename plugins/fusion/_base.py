@@ -523,7 +523,8 @@ class FusionPass(graphopt.Pass):
     level = 1
     tolerance = graphopt.Tolerance.APPROXIMATE
     options: ClassVar = {
-        "skip": graphopt.Option(str, "", "comma-separated rule names not to apply"),
+        "skip": graphopt.Option(
+            str, "", 'comma-separated rule names not to apply (quote a list: skip="a,b")'),
     }
     #: a no-op run only leaves inferred shapes and constant values behind
     faithful_noop = True
