@@ -10,6 +10,8 @@ other ops are valid at opset 14 and whose LayerNormalizations normalize the last
 Usage::
 
     python tools/decompose_layernorm.py IN.onnx OUT.onnx
+
+An input it cannot read or handle exits with status 1 and a one-line message.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ def decompose(model: onnx.ModelProto, opset: int = 14) -> int:
 def main() -> None:
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    model = onnx.load(sys.argv[1])
+    try:
+        model = onnx.load(sys.argv[1])
+    except Exception as e:  # unreadable or not an ONNX file
+        raise SystemExit(f"error: cannot read {sys.argv[1]}: {str(e).splitlines()[0]}") from None
     print(f"decomposed {decompose(model)} LayerNormalization nodes")
     onnx.save(model, sys.argv[2])
 
