@@ -143,7 +143,13 @@ class Runner:
                     return self._ort.InferenceSession(str(path), opts, providers=self.providers)
             if isinstance(model, bytes):  # already serialized (structural() did)
                 return self._ort.InferenceSession(model, opts, providers=self.providers)
-            proto = model if isinstance(model, onnx.ModelProto) else gir.to_proto(model)
+            # an ir.Model here has no external tensor (keeps_external said so above):
+            # nothing to read in, so skip to_proto's second walk looking for them
+            proto = (
+                model
+                if isinstance(model, onnx.ModelProto)
+                else gir.to_proto(model, inline_external=False)
+            )
             return self._ort.InferenceSession(
                 proto.SerializeToString(), opts, providers=self.providers
             )
