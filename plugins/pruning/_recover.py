@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ._apply import Plan
-from ._graph import const, run_with_values
+from ._graph import Segments, const, run_with_values
 from .groups import Group
 
 __all__ = [
@@ -494,7 +494,6 @@ def sequential_plan(
     feeds: Sequence[Feed],
     *,
     ridge: float = 1e-2,
-    cache_bytes: int = 256 << 20,
     masked: float = 1.0,
 ) -> tuple[Plan, dict[str, int]]:
     """Least-squares recovery sink by sink, in graph order, against what each sink sees in
@@ -507,7 +506,8 @@ def sequential_plan(
 
     (``Sp``: covariance of ``Xp``; ``Cpx``: cross-covariance of ``Xp`` and ``X``), so each
     sink also undoes the error that pruning upstream left in its input. A k x k Conv sink
-    gets the mean-matching bias only. One run of the partly pruned model per sink.
+    gets the mean-matching bias only. Per sink, the original model and the partly pruned
+    one run only from the previous sink on (:class:`._graph.Segments`).
     """
     from ._apply import apply_plan
 
@@ -534,32 +534,21 @@ def sequential_plan(
     def rows_of(i: int, arr: np.ndarray) -> np.ndarray:
         return _rows(nodes[i], kinds[i], np.asarray(arr, np.float64), linear[i])
 
-    cached: list[dict[str, np.ndarray]] | None = []
-    size = 0
-    for outs in run_with_values(model, feeds, list(names.values())):
-        size += sum(v.nbytes for v in outs.values())
-        if size > cache_bytes:
-            cached = None
-            break
-        assert cached is not None
-        cached.append({n: outs[n] for n in names.values()})
-
+    # each sink's input in the original model and in the candidate pruned so far, both
+    # run on from the previous sink (one model's worth of runs each, whatever the depth)
+    before, after = Segments(feeds), Segments(feeds)
     for i in sinks:
         node, kind = nodes[i], kinds[i]
+        ref = model.clone()
+        originals = before.run(ref, list(ref.graph)[i], names[i])
         cand = model.clone()
         cnodes = apply_plan(cand, groups, plan)
-        cname = cnodes[i].inputs[0].name
-        originals = (
-            cached
-            if cached is not None
-            else run_with_values(model, feeds, [names[i]], truncate=True)
-        )
+        pruned_run = after.run(cand, cnodes[i], cnodes[i].inputs[0].name)
         n, sp, sx, pp, px = 0.0, 0.0, 0.0, 0.0, 0.0
-        pruned_run = run_with_values(cand, feeds, [cname], truncate=True)
         for feed, orig, got in zip(feeds, originals, pruned_run):
-            x = rows_of(i, orig[names[i]])
-            xp = rows_of(i, got[cname])
-            wt = row_weights(feed, np.asarray(orig[names[i]]), kind, masked)
+            x = rows_of(i, orig)
+            xp = rows_of(i, got)
+            wt = row_weights(feed, np.asarray(orig), kind, masked)
             wxp = xp if wt is None else xp * wt[:, None]
             n += x.shape[0] if wt is None else float(wt.sum())
             sp = sp + wxp.sum(0)
