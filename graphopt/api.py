@@ -277,6 +277,9 @@ def optimize(
             validator = Validator(
                 ir_model, feeds, runner, rtol=rtol, atol=atol, budget=budget, serialized=loaded
             )
+            weak = budget.toothless(validator.reference) if lossy and budget else None
+            if weak:
+                warnings.append(weak)
         elif small:
             # even unvalidated, the model must load in onnxruntime. It builds a session
             # in C++ with the GIL released: the check runs on another core while the

@@ -344,6 +344,33 @@ def compare(refs: Sequence[Feed], outs: Sequence[Feed]) -> dict[str, OutputMetri
     return result
 
 
+def constant_baseline(refs: Sequence[Feed]) -> dict[str, OutputMetrics] | None:
+    """The metrics a model that ignored its input would score on these samples: each output
+    replaced by its mean over the samples (rounded for integers, a majority for booleans).
+    None where that is not defined: under 2 samples, or an output that is not a numeric
+    tensor of one shape in every sample."""
+    if len(refs) < 2:
+        return None
+    means: dict[str, np.ndarray] = {}
+    for name in refs[0]:
+        arrays = [r.get(name) for r in refs]
+        if not all(isinstance(a, np.ndarray) and a.dtype.kind in "fiub" for a in arrays):
+            return None
+        first = arrays[0]
+        assert isinstance(first, np.ndarray)
+        if len({a.shape for a in arrays}) != 1 or len({a.dtype for a in arrays}) != 1:
+            return None
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = np.mean(np.stack(arrays).astype(np.float64), axis=0)
+        if first.dtype.kind == "b":
+            means[name] = mean >= 0.5
+        elif first.dtype.kind in "iu":
+            means[name] = np.rint(mean).astype(first.dtype)
+        else:
+            means[name] = mean.astype(first.dtype)
+    return compare(refs, [means] * len(refs))
+
+
 # ---------------------------------------------------------------------------- budgets
 
 
@@ -368,6 +395,24 @@ class Budget:
 
     def __str__(self) -> str:
         return ",".join(str(b) for b in self.bounds)
+
+    def toothless(self, refs: Sequence[Feed]) -> str | None:
+        """Why this budget cannot tell a model that ignores its input from the original on
+        samples whose reference outputs are ``refs`` (a one-line warning), or None."""
+        base = constant_baseline(refs)
+        if base is None or self.violations(base):
+            return None
+        scores = []
+        for b in self.bounds:
+            v = worst(base, b.metric)
+            if v is not None:
+                scores.append(f"{b.metric} {v:.4g}")
+        return (
+            f"the budget {self} cannot tell a model that ignores its input from the original "
+            f"on these {len(refs)} validation inputs: their mean output, returned for every "
+            f"input, scores {', '.join(scores)}; give --inputs whose outputs differ more "
+            "(several classes, varied content), or a stricter budget"
+        )
 
     def violations(self, metrics: dict[str, OutputMetrics]) -> list[str]:
         """The bounds that ``metrics`` break, as readable strings (empty: within budget)."""

@@ -390,6 +390,32 @@ def test_lossy_passes_obey_the_budget_against_the_original():
     assert statuses(r) == [("t.lossy", "applied"), ("t.lossy2", "rolled-back")]
 
 
+def test_a_budget_the_inputs_cannot_fail_is_warned():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    conv = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
+            [w],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    lossy = make_pass("t.lossy", T.LOSSY, 1.001)
+    images = [{"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)} for _ in range(4)]
+    # the same image 4 times: its output, returned for any input, meets any budget
+    r = opt("t.lossy", lossy, model=conv, budget="cosine>=0.99", inputs=[images[0]] * 4)
+    (w,) = [w for w in r.report.warnings if "ignores its input" in w]
+    assert "cosine>=0.99" in w and "4 validation inputs" in w and "cosine 1" in w
+    r = opt("t.lossy", lossy, model=conv, budget="cosine>=0.99", inputs=images)
+    assert r.report.passes[0].status == "applied"
+    assert not [w for w in r.report.warnings if "ignores its input" in w]
+
+
 def test_level3_needs_a_budget():
     with pytest.raises(UsageError, match="-O3"):
         graphopt.optimize(CNN, level=3, disable_plugins=BUILTINS)

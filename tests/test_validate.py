@@ -103,3 +103,29 @@ def test_structural_hands_the_checked_bytes_to_onnxruntime():
     assert from_bytes.keys() == from_model.keys()
     for name in from_model:
         np.testing.assert_array_equal(from_bytes[name], from_model[name])
+
+
+def test_a_budget_a_constant_model_meets_is_called_toothless():
+    from graphopt.validate import constant_baseline
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1, 10)).astype(np.float32)  # class scores
+    same = [{"p": base + 1e-3 * rng.standard_normal((1, 10)).astype(np.float32)} for _ in range(8)]
+    varied = [{"p": rng.standard_normal((1, 10)).astype(np.float32)} for _ in range(8)]
+    budget = parse_budget("cosine>=0.99,top1>=0.9")
+    why = budget.toothless(same)
+    assert why is not None and "cosine>=0.99" in why and "cosine 1" in why and "top1 1" in why
+    assert budget.toothless(varied) is None
+    # what the constant scores is what compare() would give the mean output
+    base_m = constant_baseline(varied)
+    assert base_m is not None and base_m["p"].cosine < 0.9
+    # undefined: one sample, shapes that differ, non-numeric outputs
+    assert constant_baseline(same[:1]) is None
+    assert constant_baseline([{"p": base}, {"p": base[:, :5]}]) is None
+    assert constant_baseline([{"s": np.array(["a"])}, {"s": np.array(["b"])}]) is None
+    # integer and boolean outputs are compared as the rounded mean / the majority
+    ints = [{"p": base, "n": np.array([i], np.int64)} for i in range(8)]
+    assert parse_budget("maxabs<=1").toothless(ints) is None  # 0 vs rounded mean 4: 4 off
+    flags = [{"b": np.array([i % 4 != 0])} for i in range(8)]
+    flags_base = constant_baseline(flags)
+    assert flags_base is not None and flags_base["b"].max_abs == 1.0
