@@ -111,6 +111,8 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
         old_values.append(node.inputs[j])
         set_const_input(graph, node, j, new, names, "pruned")
 
+    old_values += _fix_splits(model, nodes, touched, plan, names)
+
     for i, bias in sorted(plan.add_bias.items()):
         out_cut = cuts.get((i, 1), {}).get(1)  # the MatMul's own output channels
         if out_cut is not None:
@@ -125,6 +127,32 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
                 value.shape = None
     drop_dead_constants(graph, old_values)
     return nodes
+
+
+def _fix_splits(
+    model: ir.Model, nodes: list[ir.Node], touched: Sequence[Group], plan: Plan, names: Names
+) -> list[ir.Value]:
+    """Shrink the outputs of the Splits the removed channels pass (written out explicitly,
+    also where the Split divided equally); returns the replaced size constants."""
+    less: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    sizes: dict[int, tuple[int, ...]] = {}
+    for g in touched:
+        for i, j, observed, inner in g.splits:
+            less[i][j] += len(plan.removed[g.id]) * inner
+            sizes[i] = observed
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    old: list[ir.Value] = []
+    for i, cut in sorted(less.items()):
+        node = nodes[i]
+        new = [n - cut.get(j, 0) for j, n in enumerate(sizes[i])]
+        if opset >= 13:  # the sizes are input 1 (opset 18: instead of num_outputs)
+            if len(node.inputs) > 1 and node.inputs[1] is not None:
+                old.append(node.inputs[1])
+            set_const_input(model.graph, node, 1, np.array(new, np.int64), names, "pruned")
+            node.attributes.pop("num_outputs", None)
+        else:
+            node.attributes["split"] = ir.AttrInt64s("split", new)
+    return old
 
 
 def _insert_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray, names: Names) -> None:

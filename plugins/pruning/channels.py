@@ -893,7 +893,8 @@ def _group_flops(
     g: Group, nodes: list[ir.Node], node_fl: Mapping[int, int], shapes: Mapping[str, Any]
 ) -> float:
     """FLOPs that scale with this group's channel count (all of them removed)."""
-    total = float(sum(node_fl[i] for i in (*g.producers, *g.depthwise, *g.scaled)))
+    scaling = (*g.producers, *g.depthwise, *g.scaled)
+    total = float(sum(node_fl[i] * _share(g, nodes[i], shapes) for i in scaling))
     for s in g.sinks:
         x = shapes.get(nodes[s.node].inputs[0].name or "")
         axis = 1 if s.kind in ("conv", "gemm") else -1
@@ -901,6 +902,17 @@ def _group_flops(
         if cin:
             total += node_fl[s.node] * g.channels * s.layout.inner / cin
     return total
+
+
+def _share(g: Group, node: ir.Node, shapes: Mapping[str, Any]) -> float:
+    """The part of a node's output channels the group holds: 1, but for a producer (or a
+    depthwise conv) that writes into several outputs of a Split, one group each."""
+    out = node.outputs[0]
+    lay = g.members.get(out.name or "")
+    dims = shapes.get(out.name or "")
+    if lay is None or not dims or lay.axis >= len(dims) or not dims[lay.axis]:
+        return 1.0
+    return min(1.0, g.channels * lay.inner / dims[lay.axis])
 
 
 def _group_report(

@@ -21,6 +21,11 @@ both directions:
 * through Concat with an *offset*: the channels of input ``i`` sit at ``offset_i + c`` in
   the output, so sinks after the Concat are cut at those positions (and, backwards, a range
   of a Concat output maps to the input that holds it);
+* through Split along the channel axis, Concat's mirror: output ``j`` holds the input's
+  positions from the ``j``-th offset on. A producer whose channels span several outputs
+  (YOLOv8's C2f, CSP blocks) is blocked as a whole; instead each output seeds a group of
+  its own -- the producer's rows from that offset on, the consumers of that output -- and
+  the Split's sizes shrink with it;
 * through Flatten / a flatten-like Reshape into a Gemm: channel ``c`` becomes the block
   ``[c * inner, (c + 1) * inner)`` of the Gemm's K axis (a literal target shape is fixed,
   also when it is one constant piece of a Concat that builds the target).
@@ -130,6 +135,8 @@ class Group:
     # constants holding a dimension that shrinks: (node, input, element, positions/channel)
     reshapes: list[tuple[int, int, int, int]] = field(default_factory=list)
     scaled: list[int] = field(default_factory=list)  # batched MatMuls over the channel axis
+    # Splits along the channel axis: (node, output, sizes of every output, positions/channel)
+    splits: list[tuple[int, int, tuple[int, ...], int]] = field(default_factory=list)
     unit: int = 1  # producer outputs per channel (head_dim for attention-head groups)
     kind: str = "channels"  # channels | heads
     reasons: list[str] = field(default_factory=list)
@@ -386,7 +393,12 @@ class _Analyzer:
         if why:
             return self.block(why)
         g = self._g
-        if lay.offset != 0 or lay.inner != g.unit or channels != g.channels * lay.inner:
+        # all of its output channels, or (a group per Split output) a range of them
+        whole = lay.offset == 0 and channels == g.channels * lay.inner
+        part = bool(g.label.startswith("split@")) and (
+            channels is not None and lay.offset + g.channels * lay.inner <= channels
+        )
+        if lay.inner != g.unit or not (whole or part):
             return self.block(
                 f"'{_name(node)}' has {channels} output channels, the group {g.channels} x {g.unit}"
             )
@@ -869,18 +881,82 @@ class _Analyzer:
             return self.block(f"Slice '{_name(node)}' slices the channel axis")
         return self._through(i, node, lay)
 
-    def op_Split(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
-        if port == "in" and k > 0:
-            return self.block(f"channels are a parameter of Split '{_name(node)}'")
+    def split_sizes(self, node: ir.Node) -> tuple[int, list[int]] | None:
+        """(axis, size of every output) of a Split, from the observed shapes."""
         rank = self.rank(node.inputs[0])
         if rank is None:
-            return self.block(f"Split '{_name(node)}' input has an unknown shape")
-        if node.attributes.get_int("axis", 0) % rank == lay.axis:
-            return self.block(f"Split '{_name(node)}' splits the channel axis")
-        self.join(node.inputs[0], lay)
+            return None
+        sizes = []
+        axis = node.attributes.get_int("axis", 0) % rank
         for out in node.outputs:
-            self.join(out, lay)
-        return None
+            s = self.shape(out)
+            if s is None:
+                return None
+            sizes.append(int(s[axis]))
+        return axis, sizes
+
+    def op_Split(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """Concat's mirror: output ``j`` holds the input's positions from the ``j``-th
+        offset on. A group that fits in one output goes on in it; one that spans several
+        is blocked (:meth:`grow_split` seeds a group per output instead)."""
+        if port == "in" and k > 0:
+            return self.block(f"channels are a parameter of Split '{_name(node)}'")
+        found = self.split_sizes(node)
+        if found is None:
+            return self.block(f"Split '{_name(node)}' has unknown shapes")
+        axis, sizes = found
+        if lay.axis != axis:
+            self.join(node.inputs[0], lay)
+            for out in node.outputs:
+                self.join(out, lay)
+            return None
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        if port == "out":
+            self._seen.add((i, "in", 0))
+            self.join(node.inputs[0], Layout(axis, int(starts[k]) + lay.offset, lay.inner))
+            return self._split_fix(i, k, sizes, lay)
+        lo, hi = lay.offset, lay.offset + self._g.channels * lay.inner
+        for j in range(len(sizes)):
+            if starts[j] <= lo and hi <= starts[j + 1]:
+                self._seen.add((i, "out", j))
+                self.join(node.outputs[j], Layout(axis, lo - int(starts[j]), lay.inner))
+                return self._split_fix(i, j, sizes, lay)
+        return self.block(f"channels span several outputs of Split '{_name(node)}'")
+
+    def _split_fix(self, i: int, j: int, sizes: list[int], lay: Layout) -> None:
+        fix = (i, j, tuple(sizes), lay.inner)
+        if fix not in self._g.splits:
+            self._g.splits.append(fix)
+
+    def split_seeds(self) -> list[tuple[int, int]]:
+        """(node, output) of Splits along an axis that some producer's channels reach."""
+        found = []
+        for i, node in enumerate(self.nodes):
+            if node.op_type != "Split" or node.domain not in ONNX or len(node.outputs) < 2:
+                continue
+            if self.split_sizes(node) is None:
+                continue
+            found += [(i, j) for j in range(len(node.outputs))]
+        return found
+
+    def grow_split(self, gid: int, seed: tuple[int, int]) -> Group:
+        """A group of the channels in one output of a Split (YOLOv8's C2f, CSP blocks,
+        gates): the producer's rows from that output's offset on, the consumers of that
+        output, and what couples to them; the split sizes shrink with it."""
+        i, j = seed
+        node = self.nodes[i]
+        found = self.split_sizes(node)
+        assert found is not None
+        axis, sizes = found
+        out = node.outputs[j]
+        g = Group(gid, sizes[j], label=f"split@{_name(node)}:{j}")
+        self._queue, self._seen, self._g = [], set(), g
+        g.nodes.add(i)
+        self.join(out, Layout(axis))  # draining visits the Split from this output
+        self._drain()
+        if not g.producers and not g.reasons:
+            self.block(f"no producer writes the channels of Split '{_name(node)}' output {j}")
+        return g
 
     def reduce(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
@@ -921,6 +997,12 @@ def analyze(
         assigned.update(g.producers)
         assigned.add(seed)
         groups.append(g)
+    for seed in an.split_seeds():
+        # a Split output whose channels a prunable group already carries adds nothing
+        out = an.nodes[seed[0]].outputs[seed[1]].name
+        if any(g.prunable and out in g.members for g in groups):
+            continue
+        groups.append(an.grow_split(len(groups), seed))
     if heads:
         done: set[int] = set()
         for split in an.head_splits():
