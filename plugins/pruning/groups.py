@@ -249,7 +249,9 @@ class _Analyzer:
         while self._queue:
             value, lay = self._queue.pop()
             producer = value.producer()
-            if producer is None:
+            if producer is None and not value.is_graph_input() and const(value) is not None:
+                self.block(f"channels reach constant '{value.name}' through a shape op")
+            elif producer is None:
                 self.block(f"channels reach graph input '{value.name}'")
             elif producer.graph is not self.graph:
                 self.block(f"channels come from a subgraph value '{value.name}'")
@@ -593,14 +595,18 @@ class _Analyzer:
         return None
 
     def reshaped_param(self, value: ir.Value, axis: int, lay: Layout) -> bool:
-        """``value = Reshape(constant, constant target)`` read only by the element-wise node
-        at hand, holding one number per position on ``axis`` (e.g. a conv bias ``[C]``
-        reshaped to ``[1, C, 1, 1]`` and added, as Paddle exports write it): a per-channel
-        parameter like a constant operand. The constant is cut along its only non-1 axis and
-        the target's entry ``axis`` shrinks with the channels (-1 needs nothing). False when
-        ``value`` is not of that form (the caller then follows it as a tensor)."""
+        """``value = Reshape(constant, constant target)`` or ``Unsqueeze(constant)`` read
+        only by the element-wise node at hand, holding one number per position on ``axis``
+        (e.g. a conv bias ``[C]`` reshaped to ``[1, C, 1, 1]`` and added, as Paddle exports
+        write it; a BatchNorm scale unsqueezed to ``[C, 1, 1]``, as the old Caffe2 zoo
+        models do): a per-channel parameter like a constant operand. The constant is cut
+        along its only non-1 axis and a Reshape target's entry ``axis`` shrinks with the
+        channels (-1 needs nothing). False when ``value`` is not of that form (the caller
+        then follows it as a tensor)."""
         rp = value.producer()
-        if rp is None or rp.op_type != "Reshape" or rp.domain not in ONNX or len(rp.inputs) < 2:
+        if rp is None or rp.domain not in ONNX or rp.op_type not in ("Reshape", "Unsqueeze"):
+            return False
+        if rp.op_type == "Reshape" and len(rp.inputs) < 2:
             return False
         ri = self.index.get(id(rp))
         data = const(rp.inputs[0])
@@ -612,14 +618,15 @@ class _Analyzer:
         d = shape[axis]
         if math.prod(shape) != d or data.size != d:
             return False
-        entry, _ = self.target_entry(rp, axis)
-        if entry not in (-1, d):
-            return False
+        if rp.op_type == "Reshape":
+            entry, _ = self.target_entry(rp, axis)
+            if entry not in (-1, d):
+                return False
         b = next(a for a, n in enumerate(data.shape) if n == d)
         self._g.nodes.add(ri)
         self._seen.update({(ri, "in", 0), (ri, "out", 0)})
         self.cut(ri, 0, b, Layout(b, lay.offset, lay.inner), "param")
-        return self._fix_entry(rp, axis, lay.inner)
+        return rp.op_type == "Unsqueeze" or self._fix_entry(rp, axis, lay.inner)
 
     def channel_preserving(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         """Pooling (and Pad / Resize after their checks): channel axis 1 kept as is."""

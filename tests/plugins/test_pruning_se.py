@@ -1,6 +1,8 @@
 """prune-channels through a Paddle-style SE block: the squeeze / excite convs get their bias
 from ``Add(conv, Reshape(constant [C], constant target [1, C, 1, 1]))`` (PP-OCR cls / rec
-exports), which must act as a per-channel constant, not as a tensor to trace backwards."""
+exports), which must act as a per-channel constant, not as a tensor to trace backwards; and
+the same for a BatchNorm affine applied through ``Unsqueeze(constant [C])`` (Caffe2-era zoo
+models)."""
 
 from __future__ import annotations
 
@@ -193,3 +195,50 @@ def test_prune_channels_search_with_four_fold_cross_fitting():
     assert held["cosine"] >= 1 - 0.9 * 0.005
     assert rec.stats["flops_removed_pct"] > 0
     assert res.report.final["status"] == "ok"
+
+
+def test_unsqueezed_batchnorm_affine_is_a_per_channel_parameter():
+    """Caffe2-era zoo models (Inception v2, DenseNet) apply a BatchNorm's affine as
+    ``Mul(bn, Unsqueeze(scale [C], [1, 2]))`` then ``Add(..., Unsqueeze(bias [C]))``."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "A_w"], ["a"], name="A", pads=[1, 1, 1, 1]),
+        helper.make_node("Unsqueeze", ["sc", "axes"], ["sc3"], name="sc_unsq"),
+        helper.make_node("Mul", ["a", "sc3"], ["a1"], name="scale"),
+        helper.make_node("Unsqueeze", ["sh", "axes"], ["sh3"], name="sh_unsq"),
+        helper.make_node("Add", ["a1", "sh3"], ["a2"], name="shift"),
+        helper.make_node("Relu", ["a2"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "B_w"], ["y"], name="B"),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((12, 4, 3, 3)).astype(np.float32), "A_w"),
+        numpy_helper.from_array(rng.standard_normal((4, 12, 1, 1)).astype(np.float32), "B_w"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 12).astype(np.float32), "sc"),
+        numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "sh"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bn_affine",
+        [helper.make_tensor_value_info("x", F32, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", F32, [1, 4, 6, 6])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = _feeds(8)
+    ir_model, g = _groups(m, feeds[0])
+    group = g["A"]
+    assert group.prunable, group.reasons
+    nodes_ = list(ir_model.graph)
+    params = {(nodes_[c.node].name, c.input, c.axis) for c in group.cuts if c.role == "param"}
+    assert params == {("sc_unsq", 0, 0), ("sh_unsq", 0, 0)}
+    st = collect_stats(ir_model, [group], feeds)
+    order, _ = channel_order(ir_model, group, st, "output")
+    plan, _ = build_plan(ir_model, [group], {group.id: np.sort(order[:4])}, st, "lsq")
+    pruned = ir_model.clone()
+    apply_plan(pruned, [group], plan)
+    onnx.checker.check_model(gir.to_proto(pruned), full_check=True)
+    sc = next(n for n in pruned.graph if n.name == "sc_unsq")
+    assert const(sc.inputs[0]).shape == (8,)
+    metrics = compare(run_model(m, feeds), run_model(pruned, feeds))
+    assert metrics["y"].mismatch is None and metrics["y"].cosine > 0.5
