@@ -59,7 +59,7 @@ class SinkStats:
     """Calibration statistics at one sink's input."""
 
     node: int
-    kind: str  # conv | gemm | matmul
+    kind: str  # conv | convT | gemm | matmul
     n: float  # rows (their total weight when rows are weighted)
     mean: np.ndarray  # [Cin]
     mean_abs: np.ndarray
@@ -81,6 +81,8 @@ def sink_matrix(node: ir.Node, kind: str) -> tuple[np.ndarray | None, str]:
     (None for a k x k Conv), and why not."""
     w = const(node.inputs[1])
     assert w is not None
+    if kind == "convT":
+        return None, "transposed"
     if kind == "conv":
         if any(d != 1 for d in w.shape[2:]):
             return None, "kernel"
@@ -92,7 +94,7 @@ def sink_matrix(node: ir.Node, kind: str) -> tuple[np.ndarray | None, str]:
 
 def _rows(node: ir.Node, kind: str, x: np.ndarray, lin: bool) -> np.ndarray:
     """Activations at the sink's input as [positions, Cin]."""
-    if kind == "conv":
+    if kind in ("conv", "convT"):
         if lin:
             strides = list(node.attributes.get_ints("strides", [1] * (x.ndim - 2)))
             pads = list(node.attributes.get_ints("pads", [0] * (2 * (x.ndim - 2))))
@@ -110,7 +112,7 @@ def row_weights(feed: Feed, x: np.ndarray, kind: str, masked: float) -> np.ndarr
     (a transformer's attention mask), rows of masked-out (padding) tokens weigh ``masked``
     and real tokens 1. Padding rows are most of a padded batch but reach no pooled output,
     so without this the refit mostly fits the padding. None: every row weighs 1."""
-    if masked == 1.0 or kind == "conv" or x.ndim < 3:
+    if masked == 1.0 or kind in ("conv", "convT") or x.ndim < 3:
         return None
     lead = tuple(x.shape[:-1])
     for name, arr in feed.items():
@@ -225,12 +227,7 @@ def channel_order(
             node = nodes[s.node]
             w = const(node.inputs[1])
             assert w is not None
-            in_axis = (
-                1
-                if s.kind == "conv"
-                else (1 if s.kind == "gemm" and node.attributes.get_int("transB", 0) else 0)
-            )
-            wr = np.moveaxis(w.astype(np.float64), in_axis, 0)
+            wr = np.moveaxis(w.astype(np.float64), _in_axis(node, s.kind), 0)
             wr = wr.reshape(wr.shape[0], -1)
             pos = s.layout.positions(np.arange(c)).reshape(c, s.layout.inner)
             if method == "output":
@@ -376,6 +373,7 @@ def build_plan(
 
 
 def _in_axis(node: ir.Node, kind: str) -> int:
+    """The axis of the sink's weight that runs over its input channels."""
     if kind == "conv":
         return 1
     if kind == "gemm":
@@ -403,6 +401,11 @@ def _removed_contribution(
     wr = np.moveaxis(w.astype(np.float64), axis, 0)[removed]  # [R, ...]
     if kind == "conv":
         per = wr.reshape(wr.shape[0], wr.shape[1], -1).sum(-1)  # [R, Cout]
+    elif kind == "convT":
+        # an input pixel feeds kh x kw outputs spread stride_h x stride_w apart: on
+        # average each output gets sum(W) / prod(strides) of a constant input
+        strides = node.attributes.get_ints("strides", [1] * (w.ndim - 2))
+        per = wr.reshape(wr.shape[0], wr.shape[1], -1).sum(-1) / float(np.prod(strides))
     else:
         per = wr.reshape(wr.shape[0], -1)
     return mean[removed] @ per
@@ -412,7 +415,7 @@ def _set_bias(plan: Plan, nodes: list[ir.Node], i: int, kind: str, delta: np.nda
     """Add ``delta`` (per output channel of sink ``i``) to its bias; False if it has no place
     for one."""
     node = nodes[i]
-    if kind in ("conv", "gemm"):
+    if kind in ("conv", "convT", "gemm"):
         has = len(node.inputs) > 2 and node.inputs[2] is not None
         b = const(node.inputs[2]) if has else None
         if has and b is None:
@@ -591,7 +594,7 @@ def sequential_plan(
 
 def _drop_bias(plan: Plan, nodes: list[ir.Node], i: int, kind: str) -> None:
     """Forget the bias recovery made for sink ``i`` (before setting a new one)."""
-    if kind in ("conv", "gemm"):
+    if kind in ("conv", "convT", "gemm"):
         plan.overrides.pop((i, 2), None)
         return
     plan.add_bias.pop(i, None)

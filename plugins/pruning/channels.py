@@ -897,7 +897,7 @@ def _group_flops(
     total = float(sum(node_fl[i] * _share(g, nodes[i], shapes) for i in scaling))
     for s in g.sinks:
         x = shapes.get(nodes[s.node].inputs[0].name or "")
-        axis = 1 if s.kind in ("conv", "gemm") else -1
+        axis = 1 if s.kind in ("conv", "convT", "gemm") else -1
         cin = x[axis] if x else None
         if cin:
             total += node_fl[s.node] * g.channels * s.layout.inner / cin

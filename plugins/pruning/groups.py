@@ -1,12 +1,13 @@
 """Channel dependency groups, computed on the ONNX graph.
 
 A *group* is a set of channels that must leave the model together. It is grown from a
-*producer* (a Conv / com.microsoft FusedConv, Gemm or MatMul with constant weights, whose
-output channels are rows of its weight) by following the channel axis through the graph in
-both directions:
+*producer* (a Conv / com.microsoft FusedConv, ConvTranspose, Gemm or MatMul with constant
+weights, whose output channels are rows of its weight) by following the channel axis
+through the graph in both directions:
 
 * forward to *sinks*, which consume the channels through a weight (Conv with group=1: input
-  axis 1 of W; Gemm / MatMul: the K rows of B), cut along their input axis;
+  axis 1 of W; ConvTranspose with group=1: axis 0; Gemm / MatMul: the K rows of B), cut
+  along their input axis;
 * through *pass-through* nodes that keep channel ``c`` at position ``c`` (with their
   per-channel constants cut too): BatchNormalization / InstanceNormalization, depthwise Conv
   (``group`` follows the channel count), element-wise unary and binary ops (Relu, Clip,
@@ -117,7 +118,7 @@ class Sink:
     """A node that consumes the channels through its weight (Conv / Gemm / MatMul)."""
 
     node: int
-    kind: str  # conv | gemm | matmul
+    kind: str  # conv | convT (ConvTranspose) | gemm | matmul
     layout: Layout  # positions in the sink's input channel axis
 
 
@@ -194,6 +195,8 @@ class _Analyzer:
             return None, f"{op} '{_name(node)}' has a {w.dtype} weight"
         if op in ("Conv", "FusedConv"):
             return int(w.shape[0]), None
+        if op == "ConvTranspose":  # W is [Cin, Cout / group, ...]
+            return int(w.shape[1]) * node.attributes.get_int("group", 1), None
         if op == "Gemm":
             if w.ndim != 2:
                 return None, f"Gemm '{_name(node)}' B has rank {w.ndim}"
@@ -203,7 +206,7 @@ class _Analyzer:
             if w.ndim != 2:
                 return None, f"MatMul '{_name(node)}' weight has rank {w.ndim}"
             return int(w.shape[1]), None
-        return None, f"{op} '{_name(node)}' is not a Conv/Gemm/MatMul"
+        return None, f"{op} '{_name(node)}' is not a Conv/ConvTranspose/Gemm/MatMul"
 
     @staticmethod
     def is_depthwise(node: ir.Node, w: np.ndarray) -> bool:
@@ -215,13 +218,18 @@ class _Analyzer:
         for i, node in enumerate(self.nodes):
             fused = node.domain == MS and node.op_type == "FusedConv"
             if not fused and (
-                node.domain not in ONNX or node.op_type not in ("Conv", "Gemm", "MatMul")
+                node.domain not in ONNX
+                or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul")
             ):
                 continue
             w = const(node.inputs[1]) if len(node.inputs) > 1 else None
             if w is None or w.dtype.kind != "f":
                 continue
             if node.op_type in ("Conv", "FusedConv") and (w.ndim < 3 or self.is_depthwise(node, w)):
+                continue
+            if node.op_type == "ConvTranspose" and (
+                w.ndim < 3 or node.attributes.get_int("group", 1) != 1
+            ):
                 continue
             if node.op_type in ("Gemm", "MatMul") and w.ndim != 2:
                 continue
@@ -240,7 +248,7 @@ class _Analyzer:
         if rank is None:
             self.block(f"output of '{_name(node)}' has an unknown shape")
             return g
-        axis = 1 if node.op_type in ("Conv", "FusedConv", "Gemm") else rank - 1
+        axis = 1 if node.op_type in ("Conv", "ConvTranspose", "FusedConv", "Gemm") else rank - 1
         self.visit(node, "out", 0, Layout(axis))
         self._drain()
         return g
@@ -371,6 +379,27 @@ class _Analyzer:
             return None
         # the bias slot is cut even when empty: recovery may give the conv a bias
         return self.add_producer(i, node, lay, [(1, 0), (2, 0)])
+
+    def op_ConvTranspose(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """W is ``[Cin, Cout, kh, kw]``: a sink cuts axis 0, a producer axis 1 and the bias.
+        ``output_shape`` names the output's spatial size only, so the channels may change."""
+        w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if port == "in" and k > 0:
+            return self.block(f"channels are used as a weight of ConvTranspose '{_name(node)}'")
+        if w is None or w.dtype.kind != "f" or w.ndim < 3:
+            return self.block(f"ConvTranspose '{_name(node)}' has a non-constant weight")
+        if lay.axis != 1 or lay.inner != 1:
+            return self.block(f"ConvTranspose '{_name(node)}' sees the channels on axis {lay.axis}")
+        if len(node.inputs) > 2 and node.inputs[2] is not None and const(node.inputs[2]) is None:
+            return self.block(f"ConvTranspose '{_name(node)}' has a non-constant bias")
+        group = node.attributes.get_int("group", 1)
+        if group != 1:
+            return self.block(f"ConvTranspose '{_name(node)}' is grouped (group={group})")
+        if port == "in":
+            self._g.sinks.append(Sink(i, "convT", lay))
+            self.cut(i, 1, 0, lay, "sink")
+            return None
+        return self.add_producer(i, node, lay, [(1, 1), (2, 0)])
 
     def op_FusedConv(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         """com.microsoft FusedConv: a Conv with an element-wise activation and an optional
