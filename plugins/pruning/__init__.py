@@ -4,8 +4,9 @@
 pass             order what                                                  level
 ================ ===== ===================================================== ===============
 prune-channels   300   structured: dependency groups on the graph (conv      -O3 (needs
-                       chains with residual / concat coupling, FFN hidden    calibration)
-                       units, attention heads), channels ranked from weights
+                       chains with residual / concat / split coupling,       calibration)
+                       ConvTranspose heads, FFN hidden units, attention
+                       heads), channels ranked from weights
                        and calibration statistics, least-squares recovery of
                        the consumers (independent or sequential), per-group
                        ratios searched to fit the budget on held-out

@@ -197,8 +197,9 @@ def _label(node: ir.Node) -> str:
 class PruneChannels(graphopt.Pass):
     name = "prune-channels"
     summary = (
-        "Structured pruning (conv channels with residual/concat coupling, FFN hidden units, "
-        "attention heads) with least-squares recovery; ratios searched to fit the --budget"
+        "Structured pruning (conv / ConvTranspose channels with residual, concat and split "
+        "coupling, FFN hidden units, attention heads) with least-squares recovery; ratios "
+        "searched to fit the --budget"
     )
     tolerance = graphopt.Tolerance.LOSSY
     requires = graphopt.Requirements(calibration=True)
