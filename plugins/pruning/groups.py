@@ -14,7 +14,8 @@ through the graph in both directions:
   HardSwish, Erf, Mul by a per-channel constant, com.microsoft Gelu / FastGelu / BiasGelu /
   QuickGelu, ...), pooling, Pad / Resize that leave the channel axis alone, Transpose,
   Squeeze / Unsqueeze, Slice / Split / Reduce* / Softmax over other axes, a Shape node whose
-  result only feeds Gathers of other dimensions;
+  result only feeds Gathers / Slices of other dimensions or the ``sizes`` of a Resize of
+  that same tensor (where the count follows the tensor);
 * through *couplings*: a binary op whose other operand is a tensor (a residual Add, the
   SE-block Mul, FusedConv's residual input Z) joins that tensor -- and, backwards, the
   producers of its channels -- to the group, so every conv writing into a residual stream is
@@ -533,21 +534,101 @@ class _Analyzer:
         return self._through(i, node, lay)
 
     def shape_reader(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
-        """A Shape node whose result only feeds Gathers of other dimensions is harmless."""
+        """A Shape node is harmless when what reads its result picks other dimensions
+        (Gather / Slice of constant positions), or passes the channel count on only to the
+        ``sizes`` of a Resize of that same tensor (``F.interpolate(x, size=...)`` exports it
+        as ``Resize(x, sizes=Concat(Shape(x)[0:2], hw))``): the count there follows the
+        tensor."""
         reason = f"the channel count is read by {node.op_type} '{_name(node)}'"
-        if node.op_type != "Shape" or node.attributes.get_int("start", 0) != 0:
+        if node.op_type != "Shape":
             return self.block(reason)
         out = node.outputs[0]
-        if out.is_graph_output():
-            return self.block(reason)
         rank = self.rank(node.inputs[0])
+        if out.is_graph_output() or rank is None:
+            return self.block(reason)
         for user, idx in out.uses():
-            if user.op_type != "Gather" or idx != 0 or user.attributes.get_int("axis", 0):
-                return self.block(reason)
-            picked = _ints(user.inputs[1])
-            if picked is None or rank is None or lay.axis in [p % rank for p in picked]:
+            read = self._dims_read(user, idx, self._shape_dims(node, rank))
+            if read is not None and lay.axis not in read:
+                continue
+            if not self._sizes_of_own_resize(user.outputs[0], node.inputs[0], lay.axis):
                 return self.block(reason)
         return None
+
+    @staticmethod
+    def _shape_dims(node: ir.Node, rank: int) -> list[int]:
+        """The dimensions a Shape node's elements hold (opset 15 ``start`` / ``end``)."""
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        return list(range(rank))[start:end]
+
+    @staticmethod
+    def _dims_read(user: ir.Node, idx: int, dims: list[int]) -> list[int] | None:
+        """The dimensions a Gather / Slice of a shape vector picks (None: not of that form)."""
+        if idx != 0 or user.domain not in ONNX:
+            return None
+        if user.op_type == "Gather" and not user.attributes.get_int("axis", 0):
+            picked = _ints(user.inputs[1])
+            return None if picked is None else [dims[p % len(dims)] for p in picked]
+        if user.op_type == "Slice" and len(user.inputs) >= 3:
+            starts, ends = _ints(user.inputs[1]), _ints(user.inputs[2])
+            axes = _ints(user.inputs[3]) if len(user.inputs) > 3 and user.inputs[3] else [0]
+            steps = _ints(user.inputs[4]) if len(user.inputs) > 4 and user.inputs[4] else [1]
+            if None in (starts, ends, axes, steps) or len(starts or ()) != 1 or axes != [0]:
+                return None
+            assert starts is not None and ends is not None and steps is not None
+            return dims[slice(starts[0], ends[0], steps[0])]
+        return None
+
+    def shape_source(self, value: ir.Value | None, e: int, depth: int = 0) -> tuple | None:
+        """(tensor, dimension) that element ``e`` of a 1-D shape value is read from, through
+        Shape / Slice / Gather / Concat / Cast, or None."""
+        node = value.producer() if value is not None else None
+        if node is None or node.domain not in ONNX or depth > 8:
+            return None
+        op = node.op_type
+        if op == "Shape":
+            rank = self.rank(node.inputs[0])
+            dims = self._shape_dims(node, rank) if rank is not None else []
+            return (node.inputs[0], dims[e]) if 0 <= e < len(dims) else None
+        if op in ("Cast", "Identity"):
+            return self.shape_source(node.inputs[0], e, depth + 1)
+        if op in ("Slice", "Gather"):
+            src = node.inputs[0]
+            n = self.shape(src)
+            if n is None or len(n) != 1:
+                return None
+            picked = self._dims_read(node, 0, list(range(n[0])))
+            if picked is None or not 0 <= e < len(picked):
+                return None
+            return self.shape_source(src, picked[e], depth + 1)
+        if op == "Concat":
+            for inp in node.inputs:
+                n = self.shape(inp)
+                if n is None or len(n) != 1:
+                    return None
+                if e < n[0]:
+                    return self.shape_source(inp, e, depth + 1)
+                e -= n[0]
+        return None
+
+    def _sizes_of_own_resize(self, value: ir.Value, x: ir.Value, axis: int, depth: int = 0) -> bool:
+        """``value`` reaches only Resize ``sizes`` (through Concat / Cast) whose entry ``axis``
+        is ``x``'s own dimension ``axis``, on Resizes of ``x`` itself."""
+        uses = list(value.uses())
+        if not uses or value.is_graph_output() or depth > 8:
+            return False
+        for user, idx in uses:
+            if user.domain not in ONNX:
+                return False
+            if user.op_type in ("Concat", "Cast", "Identity"):
+                if not self._sizes_of_own_resize(user.outputs[0], x, axis, depth + 1):
+                    return False
+            elif user.op_type == "Resize" and idx == 3 and user.inputs[0] is x:
+                if self.shape_source(user.inputs[3], axis) != (x, axis):
+                    return False
+            else:
+                return False
+        return True
 
     # ------------------------------------------------------------------ pass-through ops
     def _norm(self, i: int, node: ir.Node, port: str, lay: Layout, params: range) -> None:
@@ -685,8 +766,11 @@ class _Analyzer:
             return self.block(f"channels are a parameter of Resize '{_name(node)}'")
         scales = const(node.inputs[2]) if len(node.inputs) > 2 else None
         if len(node.inputs) > 3 and node.inputs[3] is not None:
-            return self.block(f"Resize '{_name(node)}' has explicit sizes")
-        if scales is None or scales.size <= lay.axis or float(scales[lay.axis]) != 1.0:
+            sizes = node.inputs[3]
+            # sizes read from the input's own shape follow the channel count
+            if self.shape_source(sizes, lay.axis) != (node.inputs[0], lay.axis):
+                return self.block(f"Resize '{_name(node)}' has explicit sizes")
+        elif scales is None or scales.size <= lay.axis or float(scales[lay.axis]) != 1.0:
             return self.block(f"Resize '{_name(node)}' may scale the channel axis")
         return self.channel_preserving(i, node, port, k, lay)
 
