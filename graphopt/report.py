@@ -154,8 +154,11 @@ class Report:
 
 
 def _note(p: PassRecord) -> str:
-    if p.reason:
-        return p.reason if len(p.reason) <= 90 else p.reason[:87] + "..."
+    why = p.reason
+    if not why and p.status == "no-op" and isinstance(p.stats.get("reason"), str):
+        why = p.stats["reason"]  # why a pass found nothing to do, in its own words
+    if why:
+        return why if len(why) <= 90 else why[:87] + "..."
     if p.stats:
         items = [
             f"{k}={v}"

@@ -424,6 +424,12 @@ class Budget:
             ok = value >= b.value if b.op == ">=" else value <= b.value
             if not ok:
                 broken.append(f"{b.metric}={value:.6g} (needs {b.op}{b.value:g})")
+        # an output that cannot be compared number by number scores -inf / inf: say why
+        broken += [
+            f"output '{name}': {m.mismatch}"
+            for name, m in metrics.items()
+            if broken and m.mismatch and m.mismatch != "NaN positions differ"
+        ]
         return broken
 
 

@@ -48,6 +48,11 @@ def test_budget_parsing_and_violations():
     assert any(v.startswith("cosine=") for v in broken)
     assert any(v.startswith("top1=0") for v in broken)
     assert any(v.startswith("maxabs=2") for v in broken)
+    # an output of another shape scores -inf, and the violation says why
+    shorter = compare([{"y": ref}], [{"y": ref[:, :2].copy()}])
+    broken = b.violations(shorter)
+    assert "cosine=-inf (needs >=0.999)" in broken
+    assert "output 'y': shape (1, 2) != (1, 3)" in broken
 
 
 @pytest.mark.parametrize(

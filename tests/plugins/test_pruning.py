@@ -629,6 +629,16 @@ def test_prune_channels_without_prunable_groups_is_a_noop():
     assert not result.modified
     assert result.stats["reason"] == "no prunable channel group"
     assert result.stats["not_prunable"][0]["reason"] == "channels reach graph output 'y'"
+    # the run's table gives that reason as the note of the no-op
+    res = graphopt.optimize(
+        m,
+        pipeline="prune-channels{bench_runs=0}",
+        budget="cosine>=0.99",
+        calibration=feeds_for(m, 2),
+        inputs=feeds_for(m, 2, seed=1),
+    )
+    (row,) = [line for line in res.report.table().splitlines() if line.startswith("prune")]
+    assert "no-op" in row and row.endswith("no prunable channel group")
 
 
 @pytest.mark.parametrize("scope", ["per-layer", "global"])
