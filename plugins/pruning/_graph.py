@@ -106,7 +106,6 @@ def run_with_values(
     hands the model over (a throwaway candidate), which is then changed in place instead of
     cloned first."""
     import onnxruntime as ort
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     clone = model if owned else model.clone()
     wanted = None if names is None else set(names)
@@ -123,13 +122,7 @@ def run_with_values(
                 clone.graph.outputs.append(v)
                 have.add(v.name)
     if truncate and wanted is not None:
-        quiet = logging.getLogger("onnx_ir.passes.common.unused_removal")
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)
-        try:
-            RemoveUnusedNodesPass()(clone)
-        finally:
-            quiet.setLevel(level)
+        _remove_unused(clone)
     proto = gir.to_proto(clone)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -145,6 +138,19 @@ def run_with_values(
     in_names = [i.name for i in sess.get_inputs()]
     for feed in feeds:
         yield dict(zip(out_names, sess.run(out_names, {k: feed[k] for k in in_names})))
+
+
+def _remove_unused(model: ir.Model) -> None:
+    """onnx_ir's RemoveUnusedNodesPass, without its per-node log lines."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    quiet = logging.getLogger("onnx_ir.passes.common.unused_removal")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        RemoveUnusedNodesPass()(model)
+    finally:
+        quiet.setLevel(level)
 
 
 def _has_subgraphs(graph: ir.Graph) -> bool:
@@ -234,15 +240,7 @@ class Segments:
         graph.inputs.clear()
         graph.inputs.extend(inputs)
         if graph.outputs:
-            quiet = logging.getLogger("onnx_ir.passes.common.unused_removal")
-            level = quiet.level
-            quiet.setLevel(logging.WARNING)
-            try:
-                from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-                RemoveUnusedNodesPass()(model)
-            finally:
-                quiet.setLevel(level)
+            _remove_unused(model)
             used = [v for v in graph.inputs if list(v.uses())]
             graph.inputs.clear()
             graph.inputs.extend(used)

@@ -353,17 +353,28 @@ class _Analyzer:
         return self.block(f"{op} '{_name(node)}' is not handled")
 
     # ------------------------------------------------------------------ weighted ops
-    def op_Conv(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+    def _conv_weight(self, node: ir.Node, port: str, k: int, lay: Layout) -> np.ndarray | None:
+        """A Conv / ConvTranspose's constant weight, or None after blocking on what stops the
+        channels there (they are a weight, not on axis 1, a non-constant bias)."""
+        op, name = node.op_type, _name(node)
         w = const(node.inputs[1]) if len(node.inputs) > 1 else None
         if port == "in" and k > 0:
-            return self.block(f"channels are used as a weight of Conv '{_name(node)}'")
-        if w is None or w.dtype.kind != "f" or w.ndim < 3:
-            return self.block(f"Conv '{_name(node)}' has a non-constant weight")
-        if lay.axis != 1 or lay.inner != 1:
-            return self.block(f"Conv '{_name(node)}' sees the channels on axis {lay.axis}")
+            self.block(f"channels are used as a weight of {op} '{name}'")
+        elif w is None or w.dtype.kind != "f" or w.ndim < 3:
+            self.block(f"{op} '{name}' has a non-constant weight")
+        elif lay.axis != 1 or lay.inner != 1:
+            self.block(f"{op} '{name}' sees the channels on axis {lay.axis}")
+        elif len(node.inputs) > 2 and node.inputs[2] is not None and const(node.inputs[2]) is None:
+            self.block(f"{op} '{name}' has a non-constant bias")
+        else:
+            return w
+        return None
+
+    def op_Conv(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        w = self._conv_weight(node, port, k, lay)
+        if w is None:
+            return None
         bias = len(node.inputs) > 2 and node.inputs[2] is not None
-        if bias and const(node.inputs[2]) is None:
-            return self.block(f"Conv '{_name(node)}' has a non-constant bias")
         group = node.attributes.get_int("group", 1)
         if self.is_depthwise(node, w):
             self._g.depthwise.append(i)
@@ -384,15 +395,8 @@ class _Analyzer:
     def op_ConvTranspose(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         """W is ``[Cin, Cout, kh, kw]``: a sink cuts axis 0, a producer axis 1 and the bias.
         ``output_shape`` names the output's spatial size only, so the channels may change."""
-        w = const(node.inputs[1]) if len(node.inputs) > 1 else None
-        if port == "in" and k > 0:
-            return self.block(f"channels are used as a weight of ConvTranspose '{_name(node)}'")
-        if w is None or w.dtype.kind != "f" or w.ndim < 3:
-            return self.block(f"ConvTranspose '{_name(node)}' has a non-constant weight")
-        if lay.axis != 1 or lay.inner != 1:
-            return self.block(f"ConvTranspose '{_name(node)}' sees the channels on axis {lay.axis}")
-        if len(node.inputs) > 2 and node.inputs[2] is not None and const(node.inputs[2]) is None:
-            return self.block(f"ConvTranspose '{_name(node)}' has a non-constant bias")
+        if self._conv_weight(node, port, k, lay) is None:
+            return None
         group = node.attributes.get_int("group", 1)
         if group != 1:
             return self.block(f"ConvTranspose '{_name(node)}' is grouped (group={group})")
