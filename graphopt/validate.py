@@ -354,14 +354,14 @@ def constant_baseline(refs: Sequence[Feed]) -> dict[str, OutputMetrics] | None:
     means: dict[str, np.ndarray] = {}
     for name in refs[0]:
         arrays = [r.get(name) for r in refs]
-        if not all(isinstance(a, np.ndarray) and a.dtype.kind in "fiub" for a in arrays):
+        tensors = [a for a in arrays if isinstance(a, np.ndarray) and a.dtype.kind in "fiub"]
+        if len(tensors) != len(arrays):
             return None
-        first = arrays[0]
-        assert isinstance(first, np.ndarray)
-        if len({a.shape for a in arrays}) != 1 or len({a.dtype for a in arrays}) != 1:
+        first = tensors[0]
+        if len({a.shape for a in tensors}) != 1 or len({a.dtype for a in tensors}) != 1:
             return None
         with np.errstate(invalid="ignore", over="ignore"):
-            mean = np.mean(np.stack(arrays).astype(np.float64), axis=0)
+            mean = np.mean(np.stack(tensors).astype(np.float64), axis=0)
         if first.dtype.kind == "b":
             means[name] = mean >= 0.5
         elif first.dtype.kind in "iu":
