@@ -140,7 +140,7 @@ class Group:
     # Splits along the channel axis: (node, output, sizes of every output, positions/channel)
     splits: list[tuple[int, int, tuple[int, ...], int]] = field(default_factory=list)
     unit: int = 1  # producer outputs per channel (head_dim for attention-head groups)
-    kind: str = "channels"  # channels | heads
+    kind: str = "channels"  # channels | heads | split (the channels of one Split output)
     reasons: list[str] = field(default_factory=list)
     nodes: set[int] = field(default_factory=set)
     label: str = ""
@@ -431,7 +431,7 @@ class _Analyzer:
         g = self._g
         # all of its output channels, or (a group per Split output) a range of them
         whole = lay.offset == 0 and channels == g.channels * lay.inner
-        part = bool(g.label.startswith("split@")) and (
+        part = g.kind == "split" and (
             channels is not None and lay.offset + g.channels * lay.inner <= channels
         )
         if lay.inner != g.unit or not (whole or part):
@@ -1073,7 +1073,7 @@ class _Analyzer:
         assert found is not None
         axis, sizes = found
         out = node.outputs[j]
-        g = Group(gid, sizes[j], label=f"split@{_name(node)}:{j}")
+        g = Group(gid, sizes[j], label=f"split@{_name(node)}:{j}", kind="split")
         self._queue, self._seen, self._g = [], set(), g
         g.nodes.add(i)
         self.join(out, Layout(axis))  # draining visits the Split from this output
