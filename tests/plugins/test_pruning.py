@@ -641,6 +641,15 @@ def test_prune_channels_without_prunable_groups_is_a_noop():
     assert "no-op" in row and row.endswith("no prunable channel group")
 
 
+def test_the_pass_runs_numpy_blas_on_one_thread():
+    from graphopt_plugins.pruning.channels import _one_blas_thread
+    from threadpoolctl import threadpool_info
+
+    with _one_blas_thread():
+        blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+        assert blas and all(i["num_threads"] == 1 for i in blas)
+
+
 @pytest.mark.parametrize("scope", ["per-layer", "global"])
 def test_prune_magnitude(scope):
     m = mlp_model(d=32, hidden=128, constants=(scope == "global"))
