@@ -221,6 +221,7 @@ class PassManager:
         # at another position of the pipeline (cleanup runs before and after the rewrites)
         # would find nothing either
         noop_at: dict[tuple[str, str], int] = {}
+        retried: set[str] = set()  # LOSSY passes given their one more cautious attempt
         for round_no in range(1, rounds + 1):
             # later rounds: the passes that did not fail, while the last round changed the model
             schedule = [p for p in passes if p.name not in failed]
@@ -333,6 +334,21 @@ class PassManager:
                     if candidate is current:
                         current, current_nodes, unchecked = _restore(snapshot), None, False
                     rec.repro = self._write_repro(index, p, current, check.reason)
+                    # over the budget: a more cautious copy of the pass gets one more try
+                    retry = (
+                        p.safer()
+                        if p.tolerance is Tolerance.LOSSY
+                        and check.reason.startswith("budget broken")
+                        and p.name not in retried
+                        else None
+                    )
+                    if retry is not None and self.options.on_fail != "stop":
+                        retried.add(p.name)
+                        failed.add(p.name)  # later rounds run neither attempt again
+                        rec.reason += "; retried more cautiously"
+                        self._report(index, len(schedule), rec)
+                        schedule.insert(index, retry)
+                        continue
                     stopped_by = self._give_up(index, len(schedule), rec, failed, stopped_by)
                     continue
                 # commit

@@ -179,6 +179,13 @@ class Pass:
         """Change ``model`` in place and say whether anything changed."""
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
 
+    def safer(self) -> Pass | None:
+        """A more cautious copy of this LOSSY pass, which the manager runs once in its
+        place when its result broke ``--budget`` on the validation inputs (None, the
+        default: no second attempt). The validation inputs then judge two attempts, the
+        second strictly more conservative than the first."""
+        return None
+
     @classmethod
     def positions(cls) -> tuple[int, ...]:
         """The preset positions of this pass as a tuple."""

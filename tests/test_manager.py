@@ -416,6 +416,25 @@ def test_a_budget_the_inputs_cannot_fail_is_warned():
     assert not [w for w in r.report.warnings if "ignores its input" in w]
 
 
+def test_a_lossy_pass_over_the_budget_gets_one_more_cautious_try():
+    gentle = make_pass("t.lossy", T.LOSSY, 1.0001)  # the cautious copy: a tiny change
+    harsh = make_pass("t.lossy", T.LOSSY, 1.5, safer=lambda self: gentle())
+    r = opt("t.lossy", harsh, budget="cosine>=0.9999")
+    assert statuses(r) == [("t.lossy", "rolled-back"), ("t.lossy", "applied")]
+    assert r.report.passes[0].reason.endswith("; retried more cautiously")
+    assert r.report.final["status"] == "ok"
+    # once only: a retry that breaks the budget too is given up, and nothing loops
+    stubborn = make_pass("t.lossy", T.LOSSY, 1.5, safer=lambda self: type(self)())
+    r = opt("t.lossy", stubborn, budget="cosine>=0.9999")
+    assert statuses(r) == [("t.lossy", "rolled-back"), ("t.lossy", "rolled-back")]
+    # --on-fail stop: no second attempt
+    r = opt("t.lossy", harsh, budget="cosine>=0.9999", on_fail="stop")
+    assert statuses(r) == [("t.lossy", "rolled-back")]
+    # a pass without safer() (the default) is not retried
+    r = opt("t.lossy", make_pass("t.lossy", T.LOSSY, 1.5), budget="cosine>=0.9999")
+    assert statuses(r) == [("t.lossy", "rolled-back")]
+
+
 def test_level3_needs_a_budget():
     with pytest.raises(UsageError, match="-O3"):
         graphopt.optimize(CNN, level=3, disable_plugins=BUILTINS)

@@ -294,6 +294,15 @@ class PruneChannels(graphopt.Pass):
     }
 
     # ------------------------------------------------------------------ run
+    def safer(self) -> graphopt.Pass | None:
+        """Rolled back for the budget: search again for half the share of the allowance
+        (the held-out estimate was optimistic about the validation inputs). None once the
+        share is below 0.25, and for a fixed ``ratio``."""
+        share = self.config["budget_share"]
+        if self.config["ratio"] > 0 or share < 0.25:
+            return None
+        return type(self)(**{**self.config, "budget_share": share / 2})
+
     def run(self, model: ir.Model, ctx: PassContext) -> graphopt.PassResult:
         with _one_blas_thread():
             return self._run(model, ctx)

@@ -641,6 +641,15 @@ def test_prune_channels_without_prunable_groups_is_a_noop():
     assert "no-op" in row and row.endswith("no prunable channel group")
 
 
+def test_prune_channels_safer_copy_searches_for_half_the_share():
+    first = PruneChannels(budget_share=0.9, time_limit=99)
+    second = first.safer()
+    assert isinstance(second, PruneChannels)
+    assert second.config["budget_share"] == 0.45 and second.config["time_limit"] == 99
+    assert PruneChannels(budget_share=0.2).safer() is None
+    assert PruneChannels(ratio=0.3).safer() is None
+
+
 def test_the_pass_runs_numpy_blas_on_one_thread():
     from graphopt_plugins.pruning.channels import _one_blas_thread
     from threadpoolctl import threadpool_info
