@@ -43,6 +43,7 @@ from graphopt.pipeline import (
 from graphopt.plugins import Registry, load_registry
 from graphopt.report import PassRecord, Report
 from graphopt.validate import (
+    BUDGET_BROKEN,
     Budget,
     Runner,
     Validator,
@@ -387,7 +388,7 @@ def optimize(
             if not reason and budget is not None:
                 broken = budget.violations(final.metrics)
                 if broken:
-                    reason = "budget broken: " + ", ".join(broken)
+                    reason = BUDGET_BROKEN + ", ".join(broken)
             final_ok = not reason
             report.final = {
                 "status": "ok" if final_ok else "failed",

@@ -49,7 +49,14 @@ from graphopt.passes import Pass, PassResult, Tolerance
 from graphopt.pipeline import PassSpec, format_pipeline
 from graphopt.plugins import Registry
 from graphopt.report import PassRecord
-from graphopt.validate import Check, Validator, io_signature, keeps_external, structural
+from graphopt.validate import (
+    BUDGET_BROKEN,
+    Check,
+    Validator,
+    io_signature,
+    keeps_external,
+    structural,
+)
 
 __all__ = ["ManagerOptions", "PassManager"]
 
@@ -338,7 +345,7 @@ class PassManager:
                     retry = (
                         p.safer()
                         if p.tolerance is Tolerance.LOSSY
-                        and check.reason.startswith("budget broken")
+                        and check.reason.startswith(BUDGET_BROKEN)
                         and p.name not in retried
                         else None
                     )

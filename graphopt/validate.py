@@ -373,6 +373,10 @@ def constant_baseline(refs: Sequence[Feed]) -> dict[str, OutputMetrics] | None:
 
 # ---------------------------------------------------------------------------- budgets
 
+#: how a check or the final measure starts its reason when the budget is broken (the
+#: manager retries a LOSSY pass more cautiously on it)
+BUDGET_BROKEN = "budget broken: "
+
 
 @dataclass(frozen=True)
 class Bound:
@@ -699,13 +703,13 @@ class Validator:
             if after_lossy and self.budget is not None:
                 broken = self.budget.violations(result.metrics)
                 if broken:
-                    return Check(False, "budget broken: " + ", ".join(broken), result.metrics, outs)
+                    return Check(False, BUDGET_BROKEN + ", ".join(broken), result.metrics, outs)
         else:
             if self.budget is None:
                 return Check(False, "a LOSSY pass needs --budget", result.metrics, outs)
             broken = self.budget.violations(result.metrics)
             if broken:
-                return Check(False, "budget broken: " + ", ".join(broken), result.metrics, outs)
+                return Check(False, BUDGET_BROKEN + ", ".join(broken), result.metrics, outs)
         return result
 
     def _approx_reason(self, ref: Any, out: Any) -> str | None:
