@@ -98,6 +98,10 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
             w = const(node.inputs[1])
             assert w is not None
             node.attributes["group"] = ir.AttrInt64("group", int(w.shape[0]))
+        for i in g.grouped:  # one channel of a conv-group group is one conv group
+            node = nodes[i]
+            group = node.attributes.get_int("group", 1) - len(plan.removed[g.id])
+            node.attributes["group"] = ir.AttrInt64("group", group)
         for i, j, element, inner in g.reshapes:
             fixes[(i, j)][element] += len(plan.removed[g.id]) * inner
     for (i, j), less in sorted(fixes.items()):

@@ -38,9 +38,16 @@ projections (weights and biases) and in the output projection's rows; the heads 
 batch axis of the score and context MatMuls, and the ``H`` / ``H * d`` entries of the split
 and merge Reshape targets shrink with it.
 
+*Conv groups* of a grouped Conv (``group = G > 1``, not depthwise; ResNeXt, RegNet) form
+their own groups too: one channel is one conv group, ``Cout / G`` rows of the grouped conv's
+weight (and of what follows it up to the next sinks) and ``Cin / G`` positions of its input
+(and of the producers writing it); ``group`` shrinks with the channels, so every conv group
+left keeps its full width. Pruning inside a conv group (fewer rows per group) is not done.
+
 A group is *not prunable* when the channels reach something that mixes them or exposes the
 count: a graph output or input, LayerNormalization / Softmax over the channel axis, a Reshape
-that splits the channels (outside a heads group), a grouped (non-depthwise) Conv, a Shape
+that splits the channels (outside a heads group), a grouped (non-depthwise) Conv (outside
+its conv-group group, or with another group count or block width), a Shape
 node whose result is used otherwise, an op not listed above. Each stop is recorded as a
 reason, and a group that would cut the same positions of a weight as another one is
 dropped.
@@ -139,8 +146,10 @@ class Group:
     scaled: list[int] = field(default_factory=list)  # batched MatMuls over the channel axis
     # Splits along the channel axis: (node, output, sizes of every output, positions/channel)
     splits: list[tuple[int, int, tuple[int, ...], int]] = field(default_factory=list)
+    grouped: list[int] = field(default_factory=list)  # grouped Convs: ``group`` shrinks
     unit: int = 1  # producer outputs per channel (head_dim for attention-head groups)
-    kind: str = "channels"  # channels | heads | split (the channels of one Split output)
+    # channels | heads | split (the channels of one Split output) | convgroups (of a Conv)
+    kind: str = "channels"
     reasons: list[str] = field(default_factory=list)
     nodes: set[int] = field(default_factory=set)
     label: str = ""
@@ -304,6 +313,11 @@ class _Analyzer:
         if c not in self._g.cuts:
             self._g.cuts.append(c)
 
+    def _on_axis1(self, lay: Layout) -> bool:
+        """The channels are axis 1 of an NC... tensor, as a conv, BatchNorm or pool sees
+        them: one position each, or whole conv groups (blocks) in a conv-group group."""
+        return lay.axis == 1 and (lay.inner == 1 or self._g.kind == "convgroups")
+
     def _other_outputs_unused(self, node: ir.Node) -> bool:
         for out in node.outputs[1:]:
             if out is not None and (out.uses() or out.is_graph_output()):
@@ -362,7 +376,7 @@ class _Analyzer:
             self.block(f"channels are used as a weight of {op} '{name}'")
         elif w is None or w.dtype.kind != "f" or w.ndim < 3:
             self.block(f"{op} '{name}' has a non-constant weight")
-        elif lay.axis != 1 or lay.inner != 1:
+        elif not self._on_axis1(lay):
             self.block(f"{op} '{name}' sees the channels on axis {lay.axis}")
         elif len(node.inputs) > 2 and node.inputs[2] is not None and const(node.inputs[2]) is None:
             self.block(f"{op} '{name}' has a non-constant bias")
@@ -383,14 +397,36 @@ class _Analyzer:
                 self.cut(i, 2, 0, lay, "param")
             return self._through(i, node, lay)
         if group != 1:
-            where = "feed" if port == "in" else "come from"
-            return self.block(f"channels {where} grouped Conv '{_name(node)}' (group={group})")
+            return self.grouped_conv(i, node, port, w, lay)
         if port == "in":
             self._g.sinks.append(Sink(i, "conv", lay))
             self.cut(i, 1, 1, lay, "sink")
             return None
         # the bias slot is cut even when empty: recovery may give the conv a bias
         return self.add_producer(i, node, lay, [(1, 0), (2, 0)])
+
+    def grouped_conv(self, i: int, node: ir.Node, port: str, w: np.ndarray, lay: Layout) -> None:
+        """In a conv-group group (one channel = one conv group, see the module doc) the
+        grouped Conv passes the channels from ``Cin / G``-wide blocks of its input to
+        ``Cout / G``-wide blocks of its output; anywhere else it stops them."""
+        g, group, name = self._g, node.attributes.get_int("group", 1), _name(node)
+        where = "feed" if port == "in" else "come from"
+        if g.kind != "convgroups" or group != g.channels:
+            return self.block(f"channels {where} grouped Conv '{name}' (group={group})")
+        rows, width = int(w.shape[0]) // group, int(w.shape[1])
+        out_lay, in_lay = Layout(1, 0, rows), Layout(1, 0, width)
+        if lay != (out_lay if port == "out" else in_lay):
+            return self.block(
+                f"channels {where} grouped Conv '{name}' in blocks of {lay.inner} at "
+                f"{lay.offset}, not of {width} (input) / {rows} (output)"
+            )
+        if node.op_type == "FusedConv" and len(node.inputs) > 3 and node.inputs[3] is not None:
+            return self.block(f"grouped FusedConv '{name}' adds a residual input")
+        if i not in g.grouped:
+            g.grouped.append(i)
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        self.join(node.inputs[0], in_lay)
+        return self.add_producer(i, node, out_lay, [(1, 0), (2, 0)])
 
     def op_ConvTranspose(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         """W is ``[Cin, Cout, kh, kw]``: a sink cuts axis 0, a producer axis 1 and the bias.
@@ -434,7 +470,8 @@ class _Analyzer:
         part = g.kind == "split" and (
             channels is not None and lay.offset + g.channels * lay.inner <= channels
         )
-        if lay.inner != g.unit or not (whole or part):
+        # a conv-group group's producers write blocks as wide as the grouped conv reads
+        if (lay.inner != g.unit and g.kind != "convgroups") or not (whole or part):
             return self.block(
                 f"'{_name(node)}' has {channels} output channels, the group {g.channels} x {g.unit}"
             )
@@ -636,7 +673,7 @@ class _Analyzer:
 
     # ------------------------------------------------------------------ pass-through ops
     def _norm(self, i: int, node: ir.Node, port: str, lay: Layout, params: range) -> None:
-        if lay.axis != 1 or lay.inner != 1:
+        if not self._on_axis1(lay):
             return self.block(
                 f"{node.op_type} '{_name(node)}' normalizes axis 1, the "
                 f"channels are on axis {lay.axis}"
@@ -746,7 +783,7 @@ class _Analyzer:
         """Pooling (and Pad / Resize after their checks): channel axis 1 kept as is."""
         if port == "in" and k > 0:
             return self.block(f"channels are a parameter of {node.op_type} '{_name(node)}'")
-        if lay.axis != 1 or lay.inner != 1:
+        if not self._on_axis1(lay):
             return self.block(f"{node.op_type} '{_name(node)}' with channels on axis {lay.axis}")
         if not self._other_outputs_unused(node):
             return None
@@ -946,7 +983,7 @@ class _Analyzer:
         entry, _ = self.target_entry(node, b)
         if entry == 0 and not (b == a and t == 1):
             return self.block(f"Reshape '{_name(node)}' copies a dimension (0) that changes")
-        if entry != 0 and not self._fix_entry(node, b, t):
+        if entry != 0 and not self._fix_entry(node, b, lay.inner * t):
             return None
         self._seen.update({(i, "in", 0), (i, "out", 0)})
         return self.join(node.outputs[0], Layout(b, lay.offset * t, lay.inner * t))
@@ -1082,6 +1119,38 @@ class _Analyzer:
             self.block(f"no producer writes the channels of Split '{_name(node)}' output {j}")
         return g
 
+    def conv_group_seeds(self) -> list[int]:
+        """Grouped (not depthwise) Convs with a constant weight."""
+        found = []
+        for i, node in enumerate(self.nodes):
+            fused = node.domain == MS and node.op_type == "FusedConv"
+            if not fused and (node.domain not in ONNX or node.op_type != "Conv"):
+                continue
+            w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+            group = node.attributes.get_int("group", 1)
+            if w is None or w.dtype.kind != "f" or w.ndim < 3 or group <= 1:
+                continue
+            if not self.is_depthwise(node, w) and w.shape[0] % group == 0:
+                found.append(i)
+        return found
+
+    def grow_conv_groups(self, gid: int, seed: int) -> Group:
+        """A group of the conv groups of a grouped Conv: its rows in blocks of ``Cout / G``,
+        its input (and the producers writing it) in blocks of ``Cin / G``."""
+        node = self.nodes[seed]
+        w = const(node.inputs[1])
+        assert w is not None
+        group = node.attributes.get_int("group", 1)
+        rows = int(w.shape[0]) // group
+        g = Group(gid, group, label=f"groups@{_name(node)}", unit=rows, kind="convgroups")
+        self._queue, self._seen, self._g = [], set(), g
+        if self.rank(node.outputs[0]) is None:
+            self.block(f"output of '{_name(node)}' has an unknown shape")
+            return g
+        self.visit(node, "out", 0, Layout(1, 0, rows))
+        self._drain()
+        return g
+
     def reduce(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
             return self.block(f"channels are the axes of {node.op_type} '{_name(node)}'")
@@ -1127,6 +1196,13 @@ def analyze(
         if any(g.prunable and out in g.members for g in groups):
             continue
         groups.append(an.grow_split(len(groups), seed))
+    grouped: set[int] = set()
+    for seed in an.conv_group_seeds():
+        if seed in grouped:  # reached from an earlier grouped conv of the same chain
+            continue
+        g = an.grow_conv_groups(len(groups), seed)
+        grouped.update(g.grouped)
+        groups.append(g)
     if heads:
         done: set[int] = set()
         for split in an.head_splits():

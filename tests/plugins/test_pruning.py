@@ -339,7 +339,7 @@ def test_concat_pruned_model_is_consistent():
     assert_runs_like(m, pruned, feeds)
 
 
-def test_grouped_conv_blocks_and_depthwise_passes_through():
+def test_grouped_conv_blocks_channel_groups_and_depthwise_passes_through():
     m = grouped_model()
     ir_model, groups = groups_of(m, feeds_for(m, 1)[0])
     g = by_label(groups)
@@ -357,11 +357,112 @@ def test_grouped_conv_blocks_and_depthwise_passes_through():
     assert node_names(ir_model, g["B"].producers) == ["B", "B2"]
 
 
+def test_grouped_conv_groups_leave_whole():
+    """One channel of ``groups@G`` is one of G's 4 conv groups: 4 rows of A (which writes
+    G's input), 4 rows of G, 4 input channels of B."""
+    m = grouped_model()
+    ir_model, groups = groups_of(m, feeds_for(m, 1)[0])
+    cg = by_label(groups)["groups@G"]
+    assert cg.prunable, cg.reasons
+    assert cg.kind == "convgroups" and cg.channels == 4 and cg.unit == 4
+    assert node_names(ir_model, cg.producers) == ["A", "G"]
+    assert node_names(ir_model, cg.grouped) == ["G"]
+    assert [(s.layout.inner, node_names(ir_model, [s.node])) for s in cg.sinks] == [(4, ["B"])]
+
+
+def resnext_model(seed=0):
+    """x[1,8,6,6] -> A (8->16) -> BN -> Relu -> G (16->32, 3x3, group 4) -> Relu -> B (32->8)
+    -> + x -> y: a ResNeXt block whose grouped conv widens each group (4 -> 8)."""
+    rng = np.random.default_rng(seed)
+    a, ia = conv("A", "x", "a", rng, 16, 8)
+    gc, ig = conv("G", "ar", "g", rng, 32, 16, k=3, group=4)
+    b, ib = conv("B", "gr", "b", rng, 8, 32)
+    bn = [
+        init("bn_s", 1 + rand(rng, 16, scale=0.2)),
+        init("bn_b", rand(rng, 16, scale=0.2)),
+        init("bn_m", rand(rng, 16, scale=0.1)),
+        init("bn_v", 1 + np.abs(rand(rng, 16, scale=0.2))),
+    ]
+    nodes = [
+        a,
+        helper.make_node(
+            "BatchNormalization", ["a", "bn_s", "bn_b", "bn_m", "bn_v"], ["an"], name="bn"
+        ),
+        helper.make_node("Relu", ["an"], ["ar"], name="r1"),
+        gc,
+        helper.make_node("Relu", ["g"], ["gr"], name="r2"),
+        b,
+        helper.make_node("Add", ["b", "x"], ["y"], name="res"),
+    ]
+    return model(nodes, [vi("x", [1, 8, 6, 6])], [vi("y", [1, 8, 6, 6])], ia + ig + ib + bn)
+
+
+def test_grouped_conv_groups_prune_with_their_input_and_output_blocks():
+    m = resnext_model()
+    feeds = feeds_for(m, 8)
+    pruned, active = prune_fixed(m, feeds, 0.25)  # one conv group of four
+    assert [g.label for g in active] == ["groups@G"]
+    assert active[0].unit == 8
+    w = {n.name: n.inputs[1].const_value.numpy() for n in pruned.graph if n.op_type == "Conv"}
+    assert w["A"].shape == (12, 8, 1, 1)
+    assert w["G"].shape == (24, 4, 3, 3)  # still 4 inputs and 8 outputs per group
+    assert w["B"].shape == (8, 24, 1, 1)
+    g = next(n for n in pruned.graph if n.name == "G")
+    assert g.attributes.get_int("group") == 3
+    bn = next(n for n in pruned.graph if n.op_type == "BatchNormalization")
+    assert all(bn.inputs[j].const_value.numpy().shape == (12,) for j in range(1, 5))
+    assert_runs_like(m, pruned, feeds)
+
+
+def test_grouped_conv_groups_flatten_into_a_gemm():
+    """A -> grouped G (group 2) -> Relu -> Reshape [1, 72] -> Gemm: a conv group is 4 rows
+    of G, 4 x 3 x 3 = 36 columns of the Gemm and 36 of the literal Reshape target."""
+    rng = np.random.default_rng(1)
+    a, ia = conv("A", "x", "a", rng, 8, 4)
+    gc, ig = conv("G", "a", "g", rng, 8, 8, k=3, group=2)
+    nodes = [
+        a,
+        gc,
+        helper.make_node("Relu", ["g"], ["gr"], name="relu"),
+        helper.make_node("Reshape", ["gr", "target"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    inits = ia + ig
+    inits += [
+        numpy_helper.from_array(np.array([1, 72], np.int64), "target"),
+        init("fc_w", rand(rng, 5, 72)),
+        init("fc_b", rand(rng, 5)),
+    ]
+    m = model(nodes, [vi("x", [1, 4, 3, 3])], [vi("y", [1, 5])], inits)
+    feeds = feeds_for(m, 8)
+    pruned, active = prune_fixed(m, feeds, 0.5)
+    assert [g.label for g in active] == ["groups@G"]
+    reshape = next(n for n in pruned.graph if n.op_type == "Reshape")
+    assert list(reshape.inputs[1].const_value.numpy()) == [1, 36]
+    fc = next(n for n in pruned.graph if n.op_type == "Gemm")
+    assert fc.inputs[1].const_value.numpy().shape == (5, 36)
+    assert_runs_like(m, pruned, feeds)
+
+
+def test_grouped_conv_group_recovery_reduces_the_error():
+    m = resnext_model(seed=4)
+    feeds, held_out = feeds_for(m, 16, seed=1), feeds_for(m, 8, seed=2)
+    ref = run_model(m, held_out)
+    err = {}
+    for recovery in ("none", "lsq"):
+        pruned, _ = prune_fixed(m, feeds, 0.5, recovery=recovery, importance="output")
+        out = run_model(pruned, held_out)
+        err[recovery] = np.mean(
+            [np.sum((o["y"] - r["y"]) ** 2) / np.sum(r["y"] ** 2) for o, r in zip(out, ref)]
+        )
+    assert err["lsq"] < 0.9 * err["none"], err
+
+
 def test_depthwise_group_prunes_and_updates_the_group_attribute():
     m = grouped_model()
     feeds = feeds_for(m, 8)
     pruned, active = prune_fixed(m, feeds, 0.25)
-    assert [g.label for g in active] == ["A2"]
+    assert sorted(g.label for g in active) == ["A2", "groups@G"]
     dw = next(n for n in pruned.graph if n.name == "DW")
     assert dw.attributes.get_int("group") == 12
     assert dw.inputs[1].const_value.numpy().shape == (12, 1, 3, 3)
@@ -614,6 +715,28 @@ def test_prune_channels_search_meets_the_budget_through_optimize():
     # importance=auto measured both orders: the hidden units are linearly redundant (W1 has
     # rank 24), which OBS exploits and the output ranking does not
     assert st["importance_auto"] == {"obs": 1} and g["importance"] == "obs"
+    assert res.report.final["status"] == "ok"
+
+
+def test_prune_channels_search_removes_conv_groups_through_optimize():
+    m = resnext_model(seed=2)
+    res = graphopt.optimize(
+        m,
+        pipeline="prune-channels{bench_runs=0,min_flops=0}",
+        budget="cosine>=0.9",
+        calibration=feeds_for(m, 16, seed=1),
+        inputs=feeds_for(m, 8, seed=2),
+    )
+    (rec,) = res.report.passes
+    assert rec.status == "applied", rec.reason
+    (g,) = rec.stats["groups_pruned"]
+    assert g["group"] == "groups@G" and g["channels"] == 4 and 0 < g["kept"] < 4
+    proto = res.model_proto
+    gconv = next(n for n in proto.graph.node if n.name == "G")
+    group = next(a.i for a in gconv.attribute if a.name == "group")
+    w = next(i for i in proto.graph.initializer if i.name == gconv.input[1])
+    assert group == g["kept"] and w.dims[0] == 8 * group and w.dims[1] == 4
+    onnx.checker.check_model(proto, full_check=True)
     assert res.report.final["status"] == "ok"
 
 
