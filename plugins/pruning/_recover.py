@@ -267,7 +267,14 @@ def _obs_order(g: Group, mats: list, ridge: float, upto: float) -> np.ndarray:
     """Greedy OBS elimination order over the group's sinks (see the module doc)."""
     c = g.channels
     state = []
+    # a sink that sees the channels at several positions (a value twice in one Concat) is
+    # one state: removing a channel removes all of its positions there
+    where: dict[int, list[np.ndarray]] = {}
+    for s, _, _ in mats:
+        where.setdefault(s.node, []).append(s.layout.positions(np.arange(c)))
     for s, st, w in mats:
+        if s.node not in where:
+            continue
         cov = st.cov
         lam = _ridge(np.diag(cov), ridge, st.n)
         h = cov + lam * np.eye(cov.shape[0])
@@ -276,7 +283,7 @@ def _obs_order(g: Group, mats: list, ridge: float, upto: float) -> np.ndarray:
         except np.linalg.LinAlgError:
             hinv = np.linalg.pinv(h)
         energy = float(np.sum(w * (cov @ w))) or 1.0
-        pos = s.layout.positions(np.arange(c))
+        pos = np.stack(where.pop(s.node), axis=1)  # [c, layouts]
         state.append([hinv, w.copy(), energy, pos])
     alive = np.ones(c, dtype=bool)
     order: list[int] = []
@@ -286,12 +293,12 @@ def _obs_order(g: Group, mats: list, ridge: float, upto: float) -> np.ndarray:
         cost = np.zeros(c)
         for hinv, w, energy, pos in state:
             d = np.maximum(np.diag(hinv)[pos], 1e-30)
-            cost += np.sum(w[pos] ** 2, axis=1) / d / energy
+            cost += (np.sum(w[pos] ** 2, axis=-1) / d).sum(1) / energy
         cost[~alive] = np.inf
         take = min(step, limit - len(order))
         chosen = np.argsort(cost, kind="stable")[:take]
         for hinv, w, _, pos in state:
-            p = pos[chosen]
+            p = pos[chosen].reshape(-1)
             hbb = hinv[np.ix_(p, p)]
             try:
                 solve_w = np.linalg.solve(hbb, w[p])

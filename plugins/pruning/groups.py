@@ -22,7 +22,11 @@ through the graph in both directions:
   pruned with the same channels;
 * through Concat with an *offset*: the channels of input ``i`` sit at ``offset_i + c`` in
   the output, so sinks after the Concat are cut at those positions (and, backwards, a range
-  of a Concat output maps to the input that holds it);
+  of a Concat output maps to the input that holds it). A value may hold the channels at
+  several *disjoint* positions of one axis (``Concat(b, b)``; YOLOv8's C2f shortcut puts a
+  Split output ``b`` and ``b + m(b)`` into one Concat): the first layout is the member's,
+  the others are kept in ``Group.more`` and traced again, each in a phase of its own, so a
+  sink after it is cut at every position (one :class:`Sink` per layout);
 * through Split along the channel axis, Concat's mirror: output ``j`` holds the input's
   positions from the ``j``-th offset on. A producer whose channels span several outputs
   (YOLOv8's C2f, CSP blocks) is blocked as a whole; instead each output seeds a group of
@@ -47,8 +51,10 @@ left keeps its full width. Pruning inside a conv group (fewer rows per group) is
 A group is *not prunable* when the channels reach something that mixes them or exposes the
 count: a graph output or input, LayerNormalization / Softmax over the channel axis, a Reshape
 that splits the channels (outside a heads group), a grouped (non-depthwise) Conv (outside
-its conv-group group, or with another group count or block width), a Shape
-node whose result is used otherwise, an op not listed above. Each stop is recorded as a
+its conv-group group, or with another group count or block width), a Shape node whose
+result is used otherwise, an op not listed above, a value that holds the channels at
+overlapping positions or on two axes, a Reshape target entry or Split size that the
+channels would have to shrink twice (they pass it at two positions). Each stop is recorded as a
 reason, and a group that would cut the same positions of a weight as another one is
 dropped.
 
@@ -140,6 +146,9 @@ class Group:
     sinks: list[Sink] = field(default_factory=list)
     cuts: list[Cut] = field(default_factory=list)
     members: dict[str, Layout] = field(default_factory=dict)
+    # further layouts of a member that carries the channels again at disjoint positions
+    # (YOLOv8's C2f shortcut puts a Split output twice into one Concat)
+    more: dict[str, list[Layout]] = field(default_factory=dict)
     depthwise: list[int] = field(default_factory=list)
     # constants holding a dimension that shrinks: (node, input, element, positions/channel)
     reshapes: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -168,6 +177,33 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     if arr is None:
         return None
     return [int(v) for v in np.asarray(arr).reshape(-1)]
+
+
+class _Seen(set):
+    """The ``(node, port, k)`` keys the tracer has passed, per *phase*: a further layout of
+    a value (:meth:`_Analyzer.join`) is traced in a phase of its own, through the nodes
+    the earlier ones passed, so the handlers mark and test keys of the phase being
+    drained only."""
+
+    phase = 0
+
+    def add(self, key: tuple) -> None:
+        set.add(self, (self.phase, *key))
+
+    def update(self, *keys) -> None:  # type: ignore[override]
+        for some in keys:
+            for key in some:
+                self.add(key)
+
+    def __contains__(self, key: object) -> bool:
+        return set.__contains__(self, (self.phase, *key))  # type: ignore[misc]
+
+    def inherit(self, node: int | None, phase: int) -> None:
+        """Phase ``phase`` starts with node ``node``'s keys of the current phase (the
+        node whose handler found the further layout is not traced back into)."""
+        for p, *key in list(set.__iter__(self)):
+            if p == self.phase and key[0] == node:
+                set.add(self, (phase, *key))
 
 
 class _Analyzer:
@@ -251,9 +287,7 @@ class _Analyzer:
         node = self.nodes[seed]
         channels, _ = self.producer_channels(node)
         g = Group(gid, int(channels or 0), label=_name(node))
-        self._queue: list[tuple[ir.Value, Layout]] = []
-        self._seen: set[tuple[int, str, int]] = set()
-        self._g = g
+        self._start(g)
         rank = self.rank(node.outputs[0])
         if rank is None:
             self.block(f"output of '{_name(node)}' has an unknown shape")
@@ -263,9 +297,17 @@ class _Analyzer:
         self._drain()
         return g
 
+    def _start(self, g: Group) -> None:
+        self._queue: list[tuple[ir.Value, Layout, int]] = []  # (value, layout, phase)
+        self._seen = _Seen()
+        self._phases = 0
+        self._at: int | None = None  # the node whose handler runs
+        self._fixed: dict[tuple, Layout] = {}  # a Reshape / Split fix -> its layout
+        self._g = g
+
     def _drain(self) -> None:
         while self._queue:
-            value, lay = self._queue.pop()
+            value, lay, self._seen.phase = self._queue.pop()
             producer = value.producer()
             if producer is None and not value.is_graph_input() and const(value) is not None:
                 self.block(f"channels reach constant '{value.name}' through a shape op")
@@ -292,9 +334,17 @@ class _Analyzer:
         name = value.name or f"@{id(value)}"
         old = g.members.get(name)
         if old is not None:
-            if old != lay:
+            known = [old, *g.more.get(name, ())]
+            if lay in known:
+                return
+            end = lay.offset + g.channels * lay.inner
+            if any(
+                o.axis != lay.axis
+                or (o.offset < end and lay.offset < o.offset + g.channels * o.inner)
+                for o in known
+            ):
                 self.block(f"'{value.name}' carries the channels at two positions")
-            return
+                return
         shape = self.shape(value)
         if shape is None:
             self.block(f"'{value.name}' has an unknown shape")
@@ -305,8 +355,28 @@ class _Analyzer:
                 f"channels on axis {lay.axis}"
             )
             return
-        g.members[name] = lay
-        self._queue.append((value, lay))
+        if old is None:
+            g.members[name] = lay
+            self._queue.append((value, lay, self._seen.phase))
+            return
+        # the channels again, at disjoint positions: traced once more in a phase of its own
+        g.more.setdefault(name, []).append(lay)
+        self._phases += 1
+        self._seen.inherit(self._at, self._phases)
+        self._queue.append((value, lay, self._phases))
+
+    def sink(self, s: Sink) -> None:
+        if s not in self._g.sinks:
+            self._g.sinks.append(s)
+
+    def _fixed_once(self, fix: tuple, lay: Layout, what: str) -> bool:
+        """A Reshape / Split fix is recorded once per group: False (blocked) when the
+        channels pass there at a second layout, which would need it twice."""
+        first = self._fixed.setdefault(fix, lay)
+        if first != lay:
+            self.block(f"the channels pass {what} at two positions")
+            return False
+        return True
 
     def cut(self, i: int, inp: int, axis: int, lay: Layout, role: str) -> None:
         c = Cut(i, inp, axis, lay, role)
@@ -342,6 +412,7 @@ class _Analyzer:
             return
         self._seen.add(key)
         self._g.nodes.add(i)
+        self._at = i
         op, domain = node.op_type, node.domain
         if domain == MS and op in MS_ELEMENTWISE:
             return self.elementwise(i, node, port, k, lay)
@@ -391,7 +462,8 @@ class _Analyzer:
         bias = len(node.inputs) > 2 and node.inputs[2] is not None
         group = node.attributes.get_int("group", 1)
         if self.is_depthwise(node, w):
-            self._g.depthwise.append(i)
+            if i not in self._g.depthwise:
+                self._g.depthwise.append(i)
             self.cut(i, 1, 0, lay, "param")
             if bias:
                 self.cut(i, 2, 0, lay, "param")
@@ -399,7 +471,7 @@ class _Analyzer:
         if group != 1:
             return self.grouped_conv(i, node, port, w, lay)
         if port == "in":
-            self._g.sinks.append(Sink(i, "conv", lay))
+            self.sink(Sink(i, "conv", lay))
             self.cut(i, 1, 1, lay, "sink")
             return None
         # the bias slot is cut even when empty: recovery may give the conv a bias
@@ -437,7 +509,7 @@ class _Analyzer:
         if group != 1:
             return self.block(f"ConvTranspose '{_name(node)}' is grouped (group={group})")
         if port == "in":
-            self._g.sinks.append(Sink(i, "convT", lay))
+            self.sink(Sink(i, "convT", lay))
             self.cut(i, 1, 0, lay, "sink")
             return None
         return self.add_producer(i, node, lay, [(1, 1), (2, 0)])
@@ -494,7 +566,7 @@ class _Analyzer:
         if port == "in":
             if node.attributes.get_int("transA", 0):
                 return self.block(f"Gemm '{_name(node)}' has transA=1")
-            self._g.sinks.append(Sink(i, "gemm", lay))
+            self.sink(Sink(i, "gemm", lay))
             self.cut(i, 1, 1 if trans_b else 0, lay, "sink")
             return None
         cuts = [(1, 0 if trans_b else 1)]
@@ -524,7 +596,7 @@ class _Analyzer:
         if rank is None or lay.axis != rank - 1:
             return self.block(f"MatMul '{_name(node)}' sees the channels on axis {lay.axis}")
         if port == "in":
-            self._g.sinks.append(Sink(i, "matmul", lay))
+            self.sink(Sink(i, "matmul", lay))
             self.cut(i, 1, 0, lay, "sink")
             return None
         return self.add_producer(i, node, lay, [(1, 1)])
@@ -777,7 +849,7 @@ class _Analyzer:
         self._g.nodes.add(ri)
         self._seen.update({(ri, "in", 0), (ri, "out", 0)})
         self.cut(ri, 0, b, Layout(b, lay.offset, lay.inner), "param")
-        return rp.op_type == "Unsqueeze" or self._fix_entry(rp, axis, lay.inner)
+        return rp.op_type == "Unsqueeze" or self._fix_entry(rp, axis, lay.inner, lay)
 
     def channel_preserving(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         """Pooling (and Pad / Resize after their checks): channel axis 1 kept as is."""
@@ -934,7 +1006,7 @@ class _Analyzer:
             at += shape[0]
         return -2, None
 
-    def _fix_entry(self, node: ir.Node, pos: int, per_channel: int) -> bool:
+    def _fix_entry(self, node: ir.Node, pos: int, per_channel: int, lay: Layout) -> bool:
         """Record that target entry ``pos`` shrinks with the channels (-1 needs nothing);
         False (with a reason) when that number cannot be found."""
         entry, where = self.target_entry(node, pos)
@@ -944,6 +1016,9 @@ class _Analyzer:
             self.block(f"Reshape '{_name(node)}' target entry {pos} is not a constant")
             return False
         fix = (*where, per_channel)
+        key = ("reshape", self.index.get(id(node)), *where)
+        if not self._fixed_once(key, lay, f"Reshape '{_name(node)}'"):
+            return False
         if fix not in self._g.reshapes:
             self._g.reshapes.append(fix)
         return True
@@ -965,7 +1040,7 @@ class _Analyzer:
             )
             if not split or lay.inner != 1 or self._g.kind != "heads":
                 return self.block(f"channels are traced backwards through Reshape '{_name(node)}'")
-            if not self._fix_entry(node, a, 1):
+            if not self._fix_entry(node, a, 1, Layout(a, lay.offset * dst[a + 1], dst[a + 1])):
                 return None
             self._seen.update({(i, "in", 0), (i, "out", 0)})
             return self.join(node.inputs[0], Layout(a, lay.offset * dst[a + 1], dst[a + 1]))
@@ -983,7 +1058,7 @@ class _Analyzer:
         entry, _ = self.target_entry(node, b)
         if entry == 0 and not (b == a and t == 1):
             return self.block(f"Reshape '{_name(node)}' copies a dimension (0) that changes")
-        if entry != 0 and not self._fix_entry(node, b, lay.inner * t):
+        if entry != 0 and not self._fix_entry(node, b, lay.inner * t, lay):
             return None
         self._seen.update({(i, "in", 0), (i, "out", 0)})
         return self.join(node.outputs[0], Layout(b, lay.offset * t, lay.inner * t))
@@ -1014,9 +1089,9 @@ class _Analyzer:
         i, a, heads, dim = split
         node = self.nodes[i]
         g = Group(gid, heads, label=f"heads@{_name(node)}", unit=dim, kind="heads")
-        self._queue, self._seen, self._g = [], set(), g
+        self._start(g)
         g.nodes.add(i)
-        if self._fix_entry(node, a, 1):
+        if self._fix_entry(node, a, 1, Layout(a, 0, dim)):
             self._seen.update({(i, "in", 0), (i, "out", 0)})
             self.join(node.outputs[0], Layout(a))
             self.join(node.inputs[0], Layout(a, 0, dim))
@@ -1081,11 +1156,13 @@ class _Analyzer:
             if starts[j] <= lo and hi <= starts[j + 1]:
                 self._seen.add((i, "out", j))
                 self.join(node.outputs[j], Layout(axis, lo - int(starts[j]), lay.inner))
-                return self._split_fix(i, j, sizes, lay)
+                return self._split_fix(i, j, sizes, Layout(axis, lo - int(starts[j]), lay.inner))
         return self.block(f"channels span several outputs of Split '{_name(node)}'")
 
     def _split_fix(self, i: int, j: int, sizes: list[int], lay: Layout) -> None:
         fix = (i, j, tuple(sizes), lay.inner)
+        if not self._fixed_once(("split", i, j), lay, f"Split '{_name(self.nodes[i])}'"):
+            return None
         if fix not in self._g.splits:
             self._g.splits.append(fix)
 
@@ -1111,7 +1188,7 @@ class _Analyzer:
         axis, sizes = found
         out = node.outputs[j]
         g = Group(gid, sizes[j], label=f"split@{_name(node)}:{j}", kind="split")
-        self._queue, self._seen, self._g = [], set(), g
+        self._start(g)
         g.nodes.add(i)
         self.join(out, Layout(axis))  # draining visits the Split from this output
         self._drain()
@@ -1143,7 +1220,7 @@ class _Analyzer:
         group = node.attributes.get_int("group", 1)
         rows = int(w.shape[0]) // group
         g = Group(gid, group, label=f"groups@{_name(node)}", unit=rows, kind="convgroups")
-        self._queue, self._seen, self._g = [], set(), g
+        self._start(g)
         if self.rank(node.outputs[0]) is None:
             self.block(f"output of '{_name(node)}' has an unknown shape")
             return g
