@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -534,10 +534,7 @@ class PruneChannels(graphopt.Pass):
                 active = [g for g in active if g in probed]
             curves = {g.id: _curve(g.channels, sensitivity[g.id]) for g in active}
             per_channel = {g.id: g_fl[g.id] / g.channels for g in active}
-
-            def saved(kept: Mapping[int, int]) -> float:
-                return sum(per_channel[g.id] * (g.channels - kept[g.id]) for g in active)
-
+            saved = _saved_flops(active, nodes, node_fl, fshapes)
             search = _Search(
                 _allocator(active, levels, curves, per_channel),
                 saved,
@@ -919,19 +916,66 @@ def _weighted(groups: Sequence[Group]) -> set[int]:
     return out
 
 
-def _group_flops(
-    g: Group, nodes: list[ir.Node], node_fl: Mapping[int, int], shapes: Mapping[str, Any]
-) -> float:
-    """FLOPs that scale with this group's channel count (all of them removed)."""
-    scaling = (*g.producers, *g.depthwise, *g.scaled)
-    total = float(sum(node_fl[i] * _share(g, nodes[i], shapes) for i in scaling))
+def _flop_shares(
+    g: Group, nodes: list[ir.Node], shapes: Mapping[str, Any]
+) -> tuple[dict[int, float], dict[int, float]]:
+    """The part of each node's FLOPs that goes when all of the group's channels go:
+    through its output channels (producers, depthwise convs, batched MatMuls over the
+    channels) and through its input channels (sinks)."""
+    out: dict[int, float] = {}
+    for i in (*g.producers, *g.depthwise, *g.scaled):
+        out[i] = _share(g, nodes[i], shapes)
+    inn: dict[int, float] = {}
     for s in g.sinks:
         x = shapes.get(nodes[s.node].inputs[0].name or "")
         axis = 1 if s.kind in ("conv", "convT", "gemm") else -1
         cin = x[axis] if x else None
         if cin:
-            total += node_fl[s.node] * g.channels * s.layout.inner / cin
-    return total
+            inn[s.node] = inn.get(s.node, 0.0) + g.channels * s.layout.inner / cin
+    return out, inn
+
+
+def _group_flops(
+    g: Group, nodes: list[ir.Node], node_fl: Mapping[int, int], shapes: Mapping[str, Any]
+) -> float:
+    """FLOPs that scale with this group's channel count (all of them removed)."""
+    out, inn = _flop_shares(g, nodes, shapes)
+    return float(sum(node_fl[i] * f for part in (out, inn) for i, f in part.items()))
+
+
+def _saved_flops(
+    groups: Sequence[Group],
+    nodes: list[ir.Node],
+    node_fl: Mapping[int, int],
+    shapes: Mapping[str, Any],
+) -> Callable[[Mapping[int, int]], float]:
+    """FLOPs an allocation (group id -> channels kept) removes. A conv that is the
+    producer of one group and the sink of another keeps ``(1 - out) (1 - in)`` of its
+    FLOPs, so the savings of overlapping groups are not counted twice (as a sum of each
+    group's share alone would)."""
+    shares = {g.id: _flop_shares(g, nodes, shapes) for g in groups}
+    touched = sorted({i for o, n in shares.values() for i in (*o, *n)})
+
+    def saved(kept: Mapping[int, int]) -> float:
+        gone_out = dict.fromkeys(touched, 0.0)
+        gone_in = dict.fromkeys(touched, 0.0)
+        for g in groups:
+            frac = 1 - kept.get(g.id, g.channels) / g.channels
+            if frac <= 0:
+                continue
+            o, n = shares[g.id]
+            for i, f in o.items():
+                gone_out[i] += f * frac
+            for i, f in n.items():
+                gone_in[i] += f * frac
+        return float(
+            sum(
+                node_fl[i] * (1 - (1 - min(gone_out[i], 1.0)) * (1 - min(gone_in[i], 1.0)))
+                for i in touched
+            )
+        )
+
+    return saved
 
 
 def _share(g: Group, node: ir.Node, shapes: Mapping[str, Any]) -> float:
