@@ -92,6 +92,7 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
 
     touched = [g for g in groups if len(plan.removed.get(g.id, ())) > 0]
     fixes: dict[tuple[int, int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    ones: dict[tuple[int, int], set[int]] = defaultdict(set)
     for g in touched:
         for i in g.depthwise:
             node = nodes[i]
@@ -102,16 +103,31 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
             node = nodes[i]
             group = node.attributes.get_int("group", 1) - len(plan.removed[g.id])
             node.attributes["group"] = ir.AttrInt64("group", group)
+        for i in g.attention:  # fused attention: one channel is one head
+            node = nodes[i]
+            left = node.attributes.get_int("num_heads", 1) - len(plan.removed[g.id])
+            node.attributes["num_heads"] = ir.AttrInt64("num_heads", left)
+            sizes = node.attributes.get("qkv_hidden_sizes")
+            if sizes is not None:
+                less = len(plan.removed[g.id]) * g.unit
+                node.attributes["qkv_hidden_sizes"] = ir.AttrInt64s(
+                    "qkv_hidden_sizes", [n - less for n in sizes.as_ints()]
+                )
         for i, j, element, inner in g.reshapes:
             fixes[(i, j)][element] += len(plan.removed[g.id]) * inner
-    for (i, j), less in sorted(fixes.items()):
+        for e, i, j, element in g.broadcast:  # set once, however many groups share it
+            ones[(i, j)].add(element)
+            nodes[e].outputs[0].shape = None
+    for i, j in sorted(set(fixes) | set(ones)):
         node = nodes[i]
         target = const(node.inputs[j])
         assert target is not None
         new = np.array(target, dtype=target.dtype).copy()
         flat = new.reshape(-1)
-        for element, n in less.items():
+        for element, n in fixes.get((i, j), {}).items():
             flat[element] -= n
+        for element in ones.get((i, j), ()):
+            flat[element] = 1
         old_values.append(node.inputs[j])
         set_const_input(graph, node, j, new, names, "pruned")
 

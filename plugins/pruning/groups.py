@@ -40,7 +40,28 @@ through the graph in both directions:
 ``H * d`` into ``(H, d)``: one channel is one head, ``d`` positions wide in the Q / K / V
 projections (weights and biases) and in the output projection's rows; the heads axis is a
 batch axis of the score and context MatMuls, and the ``H`` / ``H * d`` entries of the split
-and merge Reshape targets shrink with it.
+and merge Reshape targets shrink with it. Fused attention (onnxruntime's transformer
+optimizer writes it) seeds a heads group at each com.microsoft op with ``num_heads > 1``:
+
+* MultiHeadAttention with 3-D ``[B, S, H * d]`` query, key and value (observed shapes;
+  not packed QKV / KV, not BNSH key / value, the value as wide as the query): they join
+  the group with ``d`` positions per head on the last axis and are traced back to the
+  Q / K / V projections; a packed bias (input 3, constant) is cut at 0, D and 2D;
+* Attention (packed ``[in, 3 * D]`` weight, ``[3 * D]`` bias, equal ``qkv_hidden_sizes``
+  if given, which then shrink too) is the heads' producer itself: its weight columns and
+  bias are cut at 0, D and 2D;
+* output 0 joins with ``d`` positions per head, up to the output projection (the sink);
+* the attention_bias ``[B or 1, H or 1, S, L]`` (input 5) needs nothing when broadcast
+  over the heads, is cut on axis 1 when constant, and when it is an Expand over the heads
+  of a head-independent tensor, read only as attention_bias, the Expand target's heads
+  entry becomes 1 (``Group.broadcast``; the op broadcasts it): BERT-like exports expand
+  the padding mask to ``[B, H, S, S]`` once for every layer;
+* ``num_heads`` shrinks with the heads (``Group.attention``); the head size, and with it
+  the default ``scale``, stays.
+
+Past state inputs, a used present output, a computed per-head attention_bias, or the
+heads reaching another input stop such a group; an ordinary channel group that reaches a
+fused attention op stops there (it mixes the channels into heads).
 
 *Conv groups* of a grouped Conv (``group = G > 1``, not depthwise; ResNeXt, RegNet) form
 their own groups too: one channel is one conv group, ``Cout / G`` rows of the grouped conv's
@@ -152,10 +173,17 @@ class Group:
     depthwise: list[int] = field(default_factory=list)
     # constants holding a dimension that shrinks: (node, input, element, positions/channel)
     reshapes: list[tuple[int, int, int, int]] = field(default_factory=list)
-    scaled: list[int] = field(default_factory=list)  # batched MatMuls over the channel axis
+    # batched MatMuls over the channel axis, fused MultiHeadAttention: FLOPs scale with it
+    scaled: list[int] = field(default_factory=list)
     # Splits along the channel axis: (node, output, sizes of every output, positions/channel)
     splits: list[tuple[int, int, tuple[int, ...], int]] = field(default_factory=list)
     grouped: list[int] = field(default_factory=list)  # grouped Convs: ``group`` shrinks
+    # com.microsoft MultiHeadAttention / Attention nodes of a heads group: ``num_heads``
+    # (and Attention's ``qkv_hidden_sizes``) shrink with the heads
+    attention: list[int] = field(default_factory=list)
+    # an Expand that copies a head-independent attention_bias over the heads: its target's
+    # heads entry becomes 1 (MultiHeadAttention broadcasts it): (Expand, node, input, element)
+    broadcast: list[tuple[int, int, int, int]] = field(default_factory=list)
     unit: int = 1  # producer outputs per channel (head_dim for attention-head groups)
     # channels | heads | split (the channels of one Split output) | convgroups (of a Conv)
     kind: str = "channels"
@@ -418,6 +446,8 @@ class _Analyzer:
             return self.elementwise(i, node, port, k, lay)
         if domain == MS and op == "FusedConv":
             return self.op_FusedConv(i, node, port, k, lay)
+        if domain == MS and op in ("MultiHeadAttention", "Attention"):
+            return self.fused_attention(i, node, port, k, lay)
         if domain not in ONNX:
             return self.block(f"{domain}.{op} '{_name(node)}' is not handled")
         handler = getattr(self, f"op_{op}", None)
@@ -1100,6 +1130,178 @@ class _Analyzer:
             self.block("no projection produces these heads")
         return g
 
+    # ------------------------------------------------------------------ fused attention
+    def attention_heads(self, node: ir.Node) -> tuple[int, int] | str:
+        """(num_heads, head size) of a com.microsoft MultiHeadAttention / Attention whose
+        whole heads can leave, or the reason they cannot: 3-D ``[B, S, H * d]`` query, key
+        and value (MultiHeadAttention; not packed, not BNSH), the value as wide as the
+        query, observed shapes, no past state, equal ``qkv_hidden_sizes`` (Attention)."""
+        op, name = node.op_type, _name(node)
+        what = f"{MS}.{op} '{name}'"
+        heads = node.attributes.get_int("num_heads", 0)
+        if op == "Attention":
+            x, w = self.shape(node.inputs[0]), const(node.inputs[1])
+            if x is None or len(x) != 3:
+                return f"{what} input has shape {x}, not [B, S, hidden]"
+            if w is None or w.ndim != 2 or w.dtype.kind != "f":
+                return f"{what} has a non-constant or packed weight"
+            attr = node.attributes.get("qkv_hidden_sizes")
+            sizes = list(attr.as_ints()) if attr is not None else [w.shape[1] // 3] * 3
+            if len(set(sizes)) != 1 or 3 * sizes[0] != w.shape[1]:
+                return f"{what} has unequal Q / K / V widths {sizes}"
+            d_all = sizes[0]
+            past = (4, 6)  # past, past_sequence_length
+        else:
+            qkv = [node.inputs[j] if j < len(node.inputs) else None for j in range(3)]
+            if qkv[1] is None or qkv[2] is None:
+                return f"{what} has a packed query (no key / value input)"
+            shapes = [self.shape(v) for v in qkv]
+            if any(s is None for s in shapes):
+                return f"{what} has query / key / value of unknown shape"
+            if any(len(s) != 3 for s in shapes):  # type: ignore[arg-type]
+                ranks = [len(s) for s in shapes]  # type: ignore[arg-type]
+                return f"{what} has packed or BNSH query / key / value (ranks {ranks})"
+            d_all = shapes[0][2]  # type: ignore[index]
+            if shapes[1][2] != d_all or shapes[2][2] != d_all:  # type: ignore[index]
+                return f"{what} has key / value widths unlike the query's {d_all}"
+            past = (6, 7, 8, 9)  # past_key, past_value, past_sequence_length, cache_indirection
+        if heads < 1 or d_all % heads:
+            return f"{what} has num_heads={heads} for width {d_all}"
+        for j in past:
+            if j < len(node.inputs) and node.inputs[j] is not None:
+                return f"{what} has a past-state input {j} ('{node.inputs[j].name}')"
+        return heads, d_all // heads
+
+    def fused_attention(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """A com.microsoft MultiHeadAttention / Attention in a heads group: one channel is
+        one head, ``d`` positions of the last axis of query, key, value (MultiHeadAttention;
+        traced back to their projections) or of Attention's packed weight columns and bias
+        (at 0, D, 2D: Attention is the heads' producer), and of output 0 (to the output
+        projection); the packed bias of MultiHeadAttention is cut at 0, D, 2D too and a
+        per-head attention_bias on its axis 1. Anywhere else (an ordinary group, another
+        input or output) the op mixes the channels and stops them."""
+        g, op = self._g, node.op_type
+        what = f"{MS}.{op} '{_name(node)}'"
+        if g.kind != "heads":
+            return self.block(f"{what} is not handled (only its whole heads are pruned)")
+        found = self.attention_heads(node)
+        if isinstance(found, str):
+            return self.block(found)
+        heads, d = found
+        lay_d = Layout(2, 0, d)
+        ports = () if op == "Attention" else (0, 1, 2)  # inputs that carry the heads
+        if not ((port == "in" and k in ports) or (port, k) == ("out", 0)):
+            where = "input" if port == "in" else "output"
+            return self.block(f"the heads reach {where} {k} of {what}")
+        if heads != g.channels or d != g.unit or lay != lay_d:
+            return self.block(
+                f"{what} has {heads} heads of {d}, the group {g.channels} x {g.unit} at {lay}"
+            )
+        if not self._other_outputs_unused(node):
+            return None
+        offsets = (0, heads * d, 2 * heads * d)  # of Q, K, V in the packed weight / bias
+        at = 2 if op == "Attention" else 3  # the packed bias
+        bias = node.inputs[at] if at < len(node.inputs) else None
+        if bias is not None and const(bias) is None:
+            return self.block(f"{what} has a non-constant bias")
+        role = "producer" if op == "Attention" else "param"
+        for off in offsets:
+            if op == "Attention":
+                self.cut(i, 1, 1, Layout(1, off, d), role)
+            if bias is not None:
+                self.cut(i, at, 0, Layout(0, off, d), role)
+        ab = node.inputs[5] if len(node.inputs) > 5 else None
+        if ab is not None and not self._attention_bias(i, node, ab, heads):
+            return None
+        if i not in g.attention:
+            g.attention.append(i)
+        if op == "Attention":
+            if i not in g.producers:
+                g.producers.append(i)
+        elif i not in g.scaled:
+            g.scaled.append(i)
+        self._seen.update({(i, "in", j) for j in ports} | {(i, "out", 0)})
+        if op != "Attention":
+            for j in ports:
+                self.join(node.inputs[j], lay_d)
+        self.join(node.outputs[0], lay_d)
+        return None
+
+    def _attention_bias(self, i: int, node: ir.Node, ab: ir.Value, heads: int) -> bool:
+        """The attention_bias ``[B or 1, H or 1, S, L]`` (input 5) as whole heads leave:
+        broadcast over the heads (nothing to do), a constant (cut on axis 1), or an Expand
+        over the heads of a head-independent tensor, read only as attention_bias (its
+        target's heads entry becomes 1). False, with a reason, otherwise."""
+        what = f"attention_bias '{ab.name}' of {MS}.{node.op_type} '{_name(node)}'"
+        shape = self.shape(ab)
+        if shape is None or len(shape) != 4:
+            self.block(f"{what} has shape {shape}")
+            return False
+        if shape[1] == 1:
+            return True
+        if shape[1] != heads:
+            self.block(f"{what} has {shape[1]} heads, not {heads}")
+            return False
+        if const(ab) is not None:
+            self.cut(i, 5, 1, Layout(1), "param")
+            return True
+        ep = ab.producer()
+        ei = self.index.get(id(ep)) if ep is not None else None
+        if ep is not None and ei is not None and self._expand_over_heads(ep, ab):
+            pos = 1 - (4 - (self.shape(ep.inputs[1]) or (0,))[0])
+            entry, where = self.target_entry(ep, pos) if pos >= 0 else (-2, None)
+            if entry == heads and where is not None:
+                fix = (ei, *where)
+                if fix not in self._g.broadcast:
+                    self._g.broadcast.append(fix)
+                return True
+        self.block(f"{what} is computed per head")
+        return False
+
+    def _expand_over_heads(self, ep: ir.Node, ab: ir.Value) -> bool:
+        """``ab = Expand(x, target)`` with ``x`` broadcast over axis 1 of ``ab``, ``ab``
+        read only as the attention_bias of fused attention ops and ``target`` by this
+        Expand only (so its heads entry can become 1 for every reader)."""
+        if ep.op_type != "Expand" or ep.domain not in ONNX or len(ep.inputs) < 2:
+            return False
+        src, target = self.shape(ep.inputs[0]), ep.inputs[1]
+        if src is None or target is None or ab.is_graph_output():
+            return False
+        if len(target.uses()) != 1 and const(target) is None:
+            return False
+        a = 1 - (4 - len(src))
+        if a >= 0 and src[a] != 1:
+            return False
+        return all(
+            u.domain == MS and u.op_type in ("MultiHeadAttention", "Attention") and j == 5
+            for u, j in ab.uses()
+        )
+
+    def attention_seeds(self) -> list[int]:
+        """com.microsoft MultiHeadAttention / Attention nodes with more than one head."""
+        return [
+            i
+            for i, n in enumerate(self.nodes)
+            if n.domain == MS
+            and n.op_type in ("MultiHeadAttention", "Attention")
+            and n.attributes.get_int("num_heads", 0) > 1
+        ]
+
+    def grow_attention(self, gid: int, seed: int) -> Group:
+        """A group of the heads of a fused attention op (see :meth:`fused_attention`)."""
+        node = self.nodes[seed]
+        heads = node.attributes.get_int("num_heads", 0)
+        found = self.attention_heads(node)
+        dim = found[1] if not isinstance(found, str) else 0
+        g = Group(gid, heads, label=f"heads@{_name(node)}", unit=dim, kind="heads")
+        self._start(g)
+        port = "out" if node.op_type == "Attention" else "in"
+        self.visit(node, port, 0, Layout(2, 0, dim))
+        self._drain()
+        if not g.producers and not g.reasons:
+            self.block("no projection produces these heads")
+        return g
+
     def op_Slice(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
             return self.block(f"channels are a parameter of Slice '{_name(node)}'")
@@ -1255,7 +1457,8 @@ def analyze(
     Args:
         model: the model (nodes are referred to by their index in ``list(model.graph)``).
         shapes: value name -> observed shape (from one run of the model).
-        heads: also look for attention-head groups (Reshapes that split heads out).
+        heads: also look for attention-head groups (Reshapes that split heads out,
+            com.microsoft MultiHeadAttention / Attention).
     """
     an = _Analyzer(model, shapes)
     groups: list[Group] = []
@@ -1286,6 +1489,12 @@ def analyze(
             if split[0] in done:
                 continue
             g = an.grow_heads(len(groups), split)
+            done.update(g.nodes)
+            groups.append(g)
+        for seed in an.attention_seeds():
+            if seed in done:  # reached from an earlier one (shared projections)
+                continue
+            g = an.grow_attention(len(groups), seed)
             done.update(g.nodes)
             groups.append(g)
     # two prunable groups must never cut the same positions of the same constant
