@@ -5,7 +5,8 @@ budget on the validation inputs, which should be a held-out evaluation set):
 
 1. Run the model once on a calibration sample with every intermediate value exposed, to
    know each value's shape; compute the dependency groups (:mod:`.groups`): conv channels,
-   FFN hidden units, attention heads (``heads=true``).
+   the conv groups of grouped convs, FFN hidden units, attention heads (``heads=true``;
+   unfused, or fused com.microsoft MultiHeadAttention / Attention).
 2. Statistics at every sink of the prunable groups (:mod:`._recover`), separately on the two
    halves of the calibration set (``crossfit``); rank each group's channels
    (``importance``) per half and on everything.
@@ -214,8 +215,8 @@ class PruneChannels(graphopt.Pass):
     name = "prune-channels"
     summary = (
         "Structured pruning (conv / ConvTranspose channels with residual, concat and split "
-        "coupling, FFN hidden units, attention heads) with least-squares recovery; ratios "
-        "searched to fit the --budget"
+        "coupling, whole conv groups of grouped convs, FFN hidden units, attention heads) "
+        "with least-squares recovery; ratios searched to fit the --budget"
     )
     tolerance = graphopt.Tolerance.LOSSY
     requires = graphopt.Requirements(calibration=True)
@@ -232,7 +233,9 @@ class PruneChannels(graphopt.Pass):
             "channel ranking",
             choices=("auto", "obs", "output", "l1", "l2", "bn", "activation"),
         ),
-        "heads": graphopt.Option(bool, True, "also prune whole attention heads"),
+        "heads": graphopt.Option(
+            bool, True, "also prune whole attention heads (unfused or com.microsoft fused)"
+        ),
         "recovery": graphopt.Option(
             str,
             "auto",
