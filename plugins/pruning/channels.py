@@ -10,7 +10,7 @@ budget on the validation inputs, which should be a held-out evaluation set):
 2. Statistics at every sink of the prunable groups (:mod:`._recover`), separately on the two
    halves of the calibration set (``crossfit``); rank each group's channels
    (``importance``) per half and on everything.
-3. Sensitivity: prune each group alone at ``max_ratio`` x (1/3, 2/3, 1) with the first
+3. Sensitivity: prune each group alone at ``max_ratio`` x (1/6, 1/3, 2/3, 1) with the first
    half's statistics and least-squares recovery, and measure the model's error against the
    original on ``sens_samples`` samples of the other half: the worst output's
    noise-to-signal ratio ``NSR = 10^(-SQNR/10)`` (about ``2 * (1 - cosine)``).
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -536,11 +536,10 @@ class PruneChannels(graphopt.Pass):
                 stats["groups_not_probed_time_limit"] = len(active) - len(probed)
                 active = [g for g in active if g in probed]
             curves = {g.id: _curve(g.channels, sensitivity[g.id]) for g in active}
-            per_channel = {g.id: g_fl[g.id] / g.channels for g in active}
-            saved = _saved_flops(active, nodes, node_fl, fshapes)
+            cost = _Cost(active, nodes, node_fl, fshapes)
             search = _Search(
-                _allocator(active, levels, curves, per_channel),
-                saved,
+                _allocator(active, levels, curves, cost),
+                cost.saved,
                 {g.id: g.channels for g in active},
                 goal,
                 trail,
@@ -562,7 +561,7 @@ class PruneChannels(graphopt.Pass):
                     search.bisect(measure_fast, fast, first, search.hi, cfg["search_steps"])
             else:
                 search.bisect(measure_fast, fast, 0.0, first, cfg["search_steps"])
-            _refine(search, active, levels, curves, per_channel, measure_fast, fast, cfg)
+            _refine(search, active, levels, curves, cost, measure_fast, fast, cfg)
             n_sinks = len({s.node for g in active for s in g.sinks})
             seq_cost = search.trial_seconds * max(1.0, n_sinks / 4)  # rough: 1 run per sink
             if recovery == "auto" and time.perf_counter() + 3 * seq_cost > deadline:
@@ -702,9 +701,10 @@ class PruneChannels(graphopt.Pass):
 # ---------------------------------------------------------------------------- search
 
 
-def _allocator(active, levels, curves, per_channel):
-    """allocate(E): kept channels per group, steps taken greedily by FLOPs removed per unit
-    of (interpolated, additive) error until ``E`` is spent."""
+def _allocator(active, levels, curves, cost: _Cost):
+    """allocate(E): kept channels per group, steps taken greedily by FLOPs removed (each
+    group's step valued alone, as its error is) per unit of (interpolated, additive) error
+    until ``E`` is spent."""
 
     def allocate(allow: float) -> dict[int, int]:
         kept = {g.id: g.channels for g in active}
@@ -720,7 +720,7 @@ def _allocator(active, levels, curves, per_channel):
                 d_err = max(curves[g.id](k1) - curves[g.id](k0), 0.0)
                 if spent + d_err > allow:
                     continue
-                gain = per_channel[g.id] * (k0 - k1) / (d_err + 1e-12)
+                gain = cost.alone(g.id, k0, k1) / (d_err + 1e-12)
                 if gain > best_gain:
                     best_g, best_gain = g, gain
             if best_g is None:
@@ -792,7 +792,7 @@ class _Search:
                 hi = mid
 
 
-def _refine(search: _Search, active, levels, curves, per_channel, measure, tag: str, cfg) -> None:
+def _refine(search: _Search, active, levels, curves, cost: _Cost, measure, tag: str, cfg) -> None:
     """Measured refinement of the best allocation (ours): the interpolated, additive error
     model that the bisection allocates by is coarse near the budget, so from the best
     allocation try one step (1/12 of the group's levels, halved after a round where no step
@@ -813,7 +813,7 @@ def _refine(search: _Search, active, levels, curves, per_channel, measure, tag: 
             if j == i:
                 continue
             d_err = max(curves[g.id](lv[j]) - curves[g.id](lv[i]), 0.0)
-            cands.append((per_channel[g.id] * (lv[i] - lv[j]) / (d_err + 1e-12), g.id, lv[j]))
+            cands.append((cost.alone(g.id, lv[i], lv[j]) / (d_err + 1e-12), g.id, lv[j]))
         cands.sort(key=lambda c: -c[0])
         for _, gid, k in cands[:3]:
             kept = {**base, gid: k}
@@ -946,39 +946,57 @@ def _group_flops(
     return float(sum(node_fl[i] * f for part in (out, inn) for i, f in part.items()))
 
 
-def _saved_flops(
-    groups: Sequence[Group],
-    nodes: list[ir.Node],
-    node_fl: Mapping[int, int],
-    shapes: Mapping[str, Any],
-) -> Callable[[Mapping[int, int]], float]:
-    """FLOPs an allocation (group id -> channels kept) removes. A conv that is the
-    producer of one group and the sink of another keeps ``(1 - out) (1 - in)`` of its
-    FLOPs, so the savings of overlapping groups are not counted twice (as a sum of each
-    group's share alone would)."""
-    shares = {g.id: _flop_shares(g, nodes, shapes) for g in groups}
-    touched = sorted({i for o, n in shares.values() for i in (*o, *n)})
+class _Cost:
+    """The FLOPs an allocation (group id -> channels kept) removes, node by node (ours): a
+    node keeps ``(1 - out)(1 - in)`` of its FLOPs when groups remove the shares ``out`` of
+    its output and ``in`` of its input channels, so a conv that is the producer of one
+    group and the sink of another is not counted twice (a sum of each group's share alone
+    is; on YOLOv8n it exceeded the model's FLOPs)."""
 
-    def saved(kept: Mapping[int, int]) -> float:
-        gone_out = dict.fromkeys(touched, 0.0)
-        gone_in = dict.fromkeys(touched, 0.0)
+    def __init__(
+        self,
+        groups: Sequence[Group],
+        nodes: list[ir.Node],
+        node_fl: Mapping[int, int],
+        shapes: Mapping[str, Any],
+    ) -> None:
+        self.channels = {g.id: g.channels for g in groups}
+        self.fl = node_fl
+        # node -> [(group, share, side)]; group -> its nodes
+        self.by_node: dict[int, list[tuple[int, float, str]]] = {}
+        self.by_group: dict[int, list[int]] = {}
         for g in groups:
-            frac = 1 - kept.get(g.id, g.channels) / g.channels
-            if frac <= 0:
-                continue
-            o, n = shares[g.id]
-            for i, f in o.items():
-                gone_out[i] += f * frac
-            for i, f in n.items():
-                gone_in[i] += f * frac
+            out, inn = _flop_shares(g, nodes, shapes)
+            for side, part in (("out", out), ("in", inn)):
+                for i, f in part.items():
+                    self.by_node.setdefault(i, []).append((g.id, f, side))
+            self.by_group[g.id] = sorted({*out, *inn})
+
+    def _gone(self, i: int, kept: Mapping[int, int]) -> float:
+        """The share of node ``i``'s FLOPs that ``kept`` removes."""
+        gone = {"out": 0.0, "in": 0.0}
+        for gid, f, side in self.by_node[i]:
+            c = self.channels[gid]
+            gone[side] += f * (1 - kept.get(gid, c) / c)
+        return 1 - max(1 - gone["out"], 0.0) * max(1 - gone["in"], 0.0)
+
+    def saved(self, kept: Mapping[int, int]) -> float:
+        """The FLOPs the allocation removes (what the search maximizes)."""
+        return float(sum(self.fl[i] * self._gone(i, kept) for i in self.by_node))
+
+    def alone(self, gid: int, k0: int, k1: int) -> float:
+        """FLOPs removed by moving group ``gid`` from ``k0`` to ``k1`` channels, the other
+        groups whole: how the allocator values a step, as the sensitivity curves value its
+        error. Valued given the other groups' cuts instead, a step into a conv another
+        group already thinned counts less and the greedy order follows the overlaps more
+        than the errors: PP-OCR rec at 0.99 kept 30.8 % of the FLOPs off instead of 35.4 %
+        and ran 0.95x as fast (measured)."""
         return float(
             sum(
-                node_fl[i] * (1 - (1 - min(gone_out[i], 1.0)) * (1 - min(gone_in[i], 1.0)))
-                for i in touched
+                self.fl[i] * (self._gone(i, {gid: k1}) - self._gone(i, {gid: k0}))
+                for i in self.by_group[gid]
             )
         )
-
-    return saved
 
 
 def _share(g: Group, node: ir.Node, shapes: Mapping[str, Any]) -> float:

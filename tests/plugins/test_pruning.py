@@ -19,9 +19,9 @@ from graphopt_plugins.pruning._graph import run_with_values
 from graphopt_plugins.pruning._recover import build_plan, channel_order, collect_stats
 from graphopt_plugins.pruning.channels import (
     PruneChannels,
+    _Cost,
     _flop_shapes,
     _group_flops,
-    _saved_flops,
     flops_of,
 )
 from graphopt_plugins.pruning.groups import Layout, analyze
@@ -656,31 +656,37 @@ def test_recovery_reduces_the_error():
     assert errors["lsq"] < 0.5 * errors["bias"], errors
 
 
+def _flops_by_node(ir_model, feed):
+    shapes = {}
+    for outs in run_with_values(ir_model, [feed], None):
+        shapes = {k: tuple(np.shape(v)) for k, v in outs.items()}
+    fshapes = _flop_shapes(ir_model, shapes)
+    nodes = list(ir_model.graph)
+    return nodes, fshapes, {i: flops_of(n, fshapes) for i, n in enumerate(nodes)}
+
+
 def test_flops_saved_estimate_counts_overlapping_groups_once():
     """B is producer and sink of group A, C sink of A and producer of C: with half of
     each group gone B keeps a quarter of its FLOPs, not none (a per-group sum)."""
     m = residual_model()
     feeds = feeds_for(m, 4)
-
-    def flops(ir_model):
-        shapes = {}
-        for outs in run_with_values(ir_model, feeds[:1], None):
-            shapes = {k: tuple(np.shape(v)) for k, v in outs.items()}
-        fshapes = _flop_shapes(ir_model, shapes)
-        nodes = list(ir_model.graph)
-        return nodes, fshapes, {i: flops_of(n, fshapes) for i, n in enumerate(nodes)}
-
     ir_model, groups = groups_of(m, feeds[0])
     active = [g for g in groups if g.prunable]
-    nodes, fshapes, node_fl = flops(ir_model)
-    saved = _saved_flops(active, nodes, node_fl, fshapes)
+    nodes, fshapes, node_fl = _flops_by_node(ir_model, feeds[0])
+    cost = _Cost(active, nodes, node_fl, fshapes)
     pruned, _ = prune_fixed(m, feeds, 0.5, recovery="none")
-    measured = sum(node_fl.values()) - sum(flops(pruned)[2].values())
+    measured = sum(node_fl.values()) - sum(_flops_by_node(pruned, feeds[0])[2].values())
     kept = {g.id: g.channels // 2 for g in active}
-    assert saved(kept) == pytest.approx(measured, rel=1e-6)
+    assert cost.saved(kept) == pytest.approx(measured, rel=1e-6)
     linear = sum(_group_flops(g, nodes, node_fl, fshapes) / 2 for g in active)
     assert linear > 1.2 * measured  # what the estimate used to say
-    assert saved({g.id: g.channels for g in active}) == 0
+    assert cost.saved({g.id: g.channels for g in active}) == 0
+    # the allocator values a step with the other groups whole; B, producer and sink of
+    # group A, keeps a quarter when A halves: less than half of A's FLOPs share
+    for g in active:
+        half = g.channels // 2
+        assert cost.alone(g.id, g.channels, half) == pytest.approx(cost.saved({g.id: half}))
+        assert cost.alone(g.id, g.channels, half) <= _group_flops(g, nodes, node_fl, fshapes) / 2
 
 
 def test_recovery_gives_a_conv_sink_a_bias():
