@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -701,7 +701,12 @@ class PruneChannels(graphopt.Pass):
 # ---------------------------------------------------------------------------- search
 
 
-def _allocator(active, levels, curves, cost: _Cost):
+def _allocator(
+    active: Sequence[Group],
+    levels: Mapping[int, list[int]],
+    curves: Mapping[int, Callable[[float], float]],
+    cost: _Cost,
+) -> Callable[[float], dict[int, int]]:
     """allocate(E): kept channels per group, steps taken greedily by FLOPs removed (each
     group's step valued alone, as its error is) per unit of (interpolated, additive) error
     until ``E`` is spent."""

@@ -87,7 +87,7 @@ exact for that input and do not depend on ONNX shape inference (which stops at c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,31 +207,32 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in np.asarray(arr).reshape(-1)]
 
 
-class _Seen(set):
+class _Seen:
     """The ``(node, port, k)`` keys the tracer has passed, per *phase*: a further layout of
     a value (:meth:`_Analyzer.join`) is traced in a phase of its own, through the nodes
     the earlier ones passed, so the handlers mark and test keys of the phase being
     drained only."""
 
-    phase = 0
+    def __init__(self) -> None:
+        self.phase = 0
+        self._keys: set[tuple[int, int, str, int]] = set()
 
-    def add(self, key: tuple) -> None:
-        set.add(self, (self.phase, *key))
+    def add(self, key: tuple[int, str, int]) -> None:
+        self._keys.add((self.phase, *key))
 
-    def update(self, *keys) -> None:  # type: ignore[override]
-        for some in keys:
-            for key in some:
-                self.add(key)
+    def update(self, keys: Iterable[tuple[int, str, int]]) -> None:
+        for key in keys:
+            self.add(key)
 
-    def __contains__(self, key: object) -> bool:
-        return set.__contains__(self, (self.phase, *key))  # type: ignore[misc]
+    def __contains__(self, key: tuple[int, str, int]) -> bool:
+        return (self.phase, *key) in self._keys
 
     def inherit(self, node: int | None, phase: int) -> None:
         """Phase ``phase`` starts with node ``node``'s keys of the current phase (the
         node whose handler found the further layout is not traced back into)."""
-        for p, *key in list(set.__iter__(self)):
-            if p == self.phase and key[0] == node:
-                set.add(self, (phase, *key))
+        for p, i, port, k in list(self._keys):
+            if p == self.phase and i == node:
+                self._keys.add((phase, i, port, k))
 
 
 class _Analyzer:
@@ -330,7 +331,7 @@ class _Analyzer:
         self._seen = _Seen()
         self._phases = 0
         self._at: int | None = None  # the node whose handler runs
-        self._fixed: dict[tuple, Layout] = {}  # a Reshape / Split fix -> its layout
+        self._fixed: dict[tuple[object, ...], Layout] = {}  # a Reshape / Split fix -> layout
         self._g = g
 
     def _drain(self) -> None:
@@ -357,8 +358,11 @@ class _Analyzer:
         if reason not in self._g.reasons:
             self._g.reasons.append(reason)
 
-    def join(self, value: ir.Value, lay: Layout) -> None:
+    def join(self, value: ir.Value | None, lay: Layout) -> None:
         g = self._g
+        if value is None:
+            self.block("the channels reach an absent optional input or output")
+            return
         name = value.name or f"@{id(value)}"
         old = g.members.get(name)
         if old is not None:
@@ -397,7 +401,7 @@ class _Analyzer:
         if s not in self._g.sinks:
             self._g.sinks.append(s)
 
-    def _fixed_once(self, fix: tuple, lay: Layout, what: str) -> bool:
+    def _fixed_once(self, fix: tuple[object, ...], lay: Layout, what: str) -> bool:
         """A Reshape / Split fix is recorded once per group: False (blocked) when the
         channels pass there at a second layout, which would need it twice."""
         first = self._fixed.setdefault(fix, lay)
@@ -1150,7 +1154,7 @@ class _Analyzer:
             if len(set(sizes)) != 1 or 3 * sizes[0] != w.shape[1]:
                 return f"{what} has unequal Q / K / V widths {sizes}"
             d_all = sizes[0]
-            past = (4, 6)  # past, past_sequence_length
+            past: tuple[int, ...] = (4, 6)  # past, past_sequence_length
         else:
             qkv = [node.inputs[j] if j < len(node.inputs) else None for j in range(3)]
             if qkv[1] is None or qkv[2] is None:
@@ -1168,8 +1172,9 @@ class _Analyzer:
         if heads < 1 or d_all % heads:
             return f"{what} has num_heads={heads} for width {d_all}"
         for j in past:
-            if j < len(node.inputs) and node.inputs[j] is not None:
-                return f"{what} has a past-state input {j} ('{node.inputs[j].name}')"
+            state = node.inputs[j] if j < len(node.inputs) else None
+            if state is not None:
+                return f"{what} has a past-state input {j} ('{state.name}')"
         return heads, d_all // heads
 
     def fused_attention(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
