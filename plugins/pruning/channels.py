@@ -36,6 +36,7 @@ budget on the validation inputs, which should be a held-out evaluation set):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -400,6 +401,12 @@ class PruneChannels(graphopt.Pass):
             checks, trains = [feeds], [feeds]
         t_stats = time.perf_counter() - t0
         stats["seconds_statistics"] = round(t_stats, 1)
+        log.info(
+            "prune-channels: statistics of %d samples at %d sinks (%.1fs)",
+            len(feeds),
+            len({s.node for g in active for s in g.sinks}),
+            t_stats,
+        )
 
         recovery = cfg["recovery"]
         seq_n = max(1, cfg["sequential_samples"])
@@ -453,7 +460,7 @@ class PruneChannels(graphopt.Pass):
                 outs += got
             return compare(refs, outs)
 
-        trail: list[dict[str, Any]] = []
+        trail = _Trail(log, total_fl)
         sensitivity: dict[int, dict[float, float]] = {}
         budget = ctx.budget
         goal = share_budget(budget, cfg["budget_share"]) if budget is not None else None
@@ -532,6 +539,12 @@ class PruneChannels(graphopt.Pass):
             if auto_picks:
                 stats["importance_auto"] = auto_picks
             stats["seconds_sensitivity"] = round(time.perf_counter() - t0 - t_stats, 1)
+            log.info(
+                "prune-channels: sensitivity of %d groups (%.1fs); searching up to %.0fs",
+                len(probed),
+                stats["seconds_sensitivity"],
+                max(0.0, deadline - time.perf_counter()),
+            )
             if len(probed) < len(active):
                 stats["groups_not_probed_time_limit"] = len(active) - len(probed)
                 active = [g for g in active if g in probed]
@@ -699,6 +712,30 @@ class PruneChannels(graphopt.Pass):
 
 
 # ---------------------------------------------------------------------------- search
+
+
+class _Trail(list[dict[str, Any]]):
+    """The search's checks (reported in the pass's stats), each also logged as it is made:
+    with ``-v`` a long search shows where it stands."""
+
+    def __init__(self, log: logging.Logger, total_flops: float) -> None:
+        super().__init__()
+        self.log, self.total = log, max(total_flops, 1.0)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        super().append(entry)
+        if "ok" not in entry:
+            return
+        saved = entry.get("flops_saved_est")
+        self.log.info(
+            "prune-channels: check %d (%s recovery%s): %s, held-out cosine %s: %s",
+            len(self),
+            entry.get("recovery", "?"),
+            ", refine" if entry.get("refine") else "",
+            "the best cut again" if saved is None else f"{100 * saved / self.total:.1f} % of FLOPs",
+            f"{entry['cosine']:.4f}" if "cosine" in entry else "-",
+            "within the budget" if entry["ok"] else "over the budget",
+        )
 
 
 def _allocator(

@@ -10,6 +10,8 @@ stays within the budget; Constant-node weights are handled like initializers;
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -732,7 +734,8 @@ def test_prune_channels_pass_with_a_fixed_ratio():
     assert_runs_like(m, out, feeds)
 
 
-def test_prune_channels_search_meets_the_budget_through_optimize():
+def test_prune_channels_search_meets_the_budget_through_optimize(caplog):
+    caplog.set_level(logging.INFO)
     m = mlp_model(d=16, hidden=128, rank=24, seed=5)
     calib = feeds_for(m, 16, seed=1)
     evals = feeds_for(m, 8, seed=2)
@@ -755,6 +758,14 @@ def test_prune_channels_search_meets_the_budget_through_optimize():
     # rank 24), which OBS exploits and the output ranking does not
     assert st["importance_auto"] == {"obs": 1} and g["importance"] == "obs"
     assert res.report.final["status"] == "ok"
+    # progress (shown with -v): the phases, then one line per check of the search
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prune-channels")]
+    assert any("statistics of 16 samples" in line for line in said)
+    checks = [line for line in said if ": check " in line]
+    assert len(checks) == sum("ok" in t for t in st["search"])
+    assert sum(line.endswith("within the budget") for line in checks) == sum(
+        bool(t.get("ok")) for t in st["search"]
+    )
 
 
 def test_prune_channels_search_removes_conv_groups_through_optimize():
