@@ -9,8 +9,9 @@ through the graph in both directions:
   axis 1 of W; ConvTranspose with group=1: axis 0; Gemm / MatMul: the K rows of B), cut
   along their input axis;
 * through *pass-through* nodes that keep channel ``c`` at position ``c`` (with their
-  per-channel constants cut too): BatchNormalization / InstanceNormalization, depthwise Conv
-  (``group`` follows the channel count), element-wise unary and binary ops (Relu, Clip,
+  per-channel constants cut too): BatchNormalization / InstanceNormalization, depthwise
+  Conv and ConvTranspose (``group`` follows the channel count), element-wise unary and
+  binary ops (Relu, Clip,
   HardSwish, Erf, Mul by a per-channel constant, com.microsoft Gelu / FastGelu / BiasGelu /
   QuickGelu, ...), pooling, Pad / Resize that leave the channel axis alone, Transpose,
   Squeeze / Unsqueeze, Slice / Split / Reduce* / Softmax over other axes, a Shape node whose
@@ -493,15 +494,9 @@ class _Analyzer:
         w = self._conv_weight(node, port, k, lay)
         if w is None:
             return None
-        bias = len(node.inputs) > 2 and node.inputs[2] is not None
         group = node.attributes.get_int("group", 1)
         if self.is_depthwise(node, w):
-            if i not in self._g.depthwise:
-                self._g.depthwise.append(i)
-            self.cut(i, 1, 0, lay, "param")
-            if bias:
-                self.cut(i, 2, 0, lay, "param")
-            return self._through(i, node, lay)
+            return self._depthwise(i, node, lay)
         if group != 1:
             return self.grouped_conv(i, node, port, w, lay)
         if port == "in":
@@ -534,12 +529,27 @@ class _Analyzer:
         self.join(node.inputs[0], in_lay)
         return self.add_producer(i, node, out_lay, [(1, 0), (2, 0)])
 
+    def _depthwise(self, i: int, node: ir.Node, lay: Layout) -> None:
+        """A depthwise Conv / ConvTranspose (W ``[C, 1, kh, kw]``, ``group = C``) keeps
+        channel ``c`` at ``c``: its weight rows and bias are cut, ``group`` follows."""
+        if i not in self._g.depthwise:
+            self._g.depthwise.append(i)
+        self.cut(i, 1, 0, lay, "param")
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            self.cut(i, 2, 0, lay, "param")
+        return self._through(i, node, lay)
+
     def op_ConvTranspose(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         """W is ``[Cin, Cout, kh, kw]``: a sink cuts axis 0, a producer axis 1 and the bias.
-        ``output_shape`` names the output's spatial size only, so the channels may change."""
-        if self._conv_weight(node, port, k, lay) is None:
+        ``output_shape`` names the output's spatial size only, so the channels may change.
+        A depthwise one (CenterNet's upsampling, ``group = Cin``, W ``[C, 1, kh, kw]``)
+        passes the channels through."""
+        w = self._conv_weight(node, port, k, lay)
+        if w is None:
             return None
         group = node.attributes.get_int("group", 1)
+        if self.is_depthwise(node, w):
+            return self._depthwise(i, node, lay)
         if group != 1:
             return self.block(f"ConvTranspose '{_name(node)}' is grouped (group={group})")
         if port == "in":

@@ -80,3 +80,40 @@ def test_pruned_conv_transposes_run_and_bias_recovery_helps():
             )
         )
     assert errors["bias"] < errors["none"], errors
+
+
+def test_depthwise_conv_transpose_passes_the_channels_through():
+    """A (4 -> 8) -> depthwise ConvTranspose (group 8, W [8, 1, 4, 4], stride 2: CenterNet's
+    upsampling) -> relu -> B (8 -> 3): A's channels go through to B; the ConvTranspose's
+    rows, bias and ``group`` shrink with them."""
+    rng = np.random.default_rng(3)
+    a, ia = conv("A", "x", "a", rng, 8, 4, k=3)
+    b, ib = conv("B", "ur", "y", rng, 3, 8)
+    inits = [
+        *ia,
+        *ib,
+        init("up_w", rng.standard_normal((8, 1, 4, 4)) * 0.3),
+        init("up_b", rng.standard_normal(8) * 0.1),
+    ]
+    nodes = [
+        a,
+        helper.make_node(
+            "ConvTranspose", ["a", "up_w", "up_b"], ["u"], name="UP", group=8,
+            kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1],
+        ),
+        helper.make_node("Relu", ["u"], ["ur"], name="relu"),
+        b,
+    ]  # fmt: skip
+    m = model(nodes, [vi("x", [1, 4, 6, 6])], [vi("y", [1, 3, 12, 12])], inits)
+    feeds = feeds_for(m, 8)
+    ir_model, groups = groups_of(m, feeds[0])
+    g = by_label(groups)["A"]
+    assert g.prunable, g.reasons
+    assert [list(ir_model.graph)[i].name for i in g.depthwise] == ["UP"]
+    assert [s.kind for s in g.sinks] == ["conv"]
+    pruned, active = prune_fixed(m, feeds, 0.25)
+    assert [x.label for x in active] == ["A"]
+    up = next(n for n in pruned.graph if n.name == "UP")
+    assert const(up.inputs[1]).shape == (6, 1, 4, 4) and const(up.inputs[2]).shape == (6,)
+    assert up.attributes.get_int("group") == 6
+    assert_runs_like(m, pruned, feeds)
