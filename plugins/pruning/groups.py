@@ -11,12 +11,12 @@ through the graph in both directions:
 * through *pass-through* nodes that keep channel ``c`` at position ``c`` (with their
   per-channel constants cut too): BatchNormalization / InstanceNormalization, depthwise
   Conv and ConvTranspose (``group`` follows the channel count), element-wise unary and
-  binary ops (Relu, Clip,
-  HardSwish, Erf, Mul by a per-channel constant, com.microsoft Gelu / FastGelu / BiasGelu /
-  QuickGelu, ...), pooling, Pad / Resize that leave the channel axis alone, Transpose,
-  Squeeze / Unsqueeze, Slice / Split / Reduce* / Softmax over other axes, a Shape node whose
-  result only feeds Gathers / Slices of other dimensions or the ``sizes`` of a Resize of
-  that same tensor (where the count follows the tensor);
+  binary ops (Relu, Clip, HardSwish, Erf, Mul by a per-channel constant, com.microsoft
+  Gelu / FastGelu / BiasGelu / QuickGelu, ...), pooling, Pad / Resize that leave the
+  channel axis alone, Transpose, Squeeze / Unsqueeze, Slice / Split / Reduce* / Softmax
+  over other axes, a Shape node whose result only feeds Gathers / Slices of other
+  dimensions or the ``sizes`` of a Resize of that same tensor (where the count follows
+  the tensor);
 * through *couplings*: a binary op whose other operand is a tensor (a residual Add, the
   SE-block Mul, FusedConv's residual input Z) joins that tensor -- and, backwards, the
   producers of its channels -- to the group, so every conv writing into a residual stream is
