@@ -38,11 +38,13 @@ through the graph in both directions:
   also when it is one constant piece of a Concat that builds the target).
 
 *Attention heads* form their own groups (``heads=True``), seeded at a Reshape that splits
-``H * d`` into ``(H, d)``: one channel is one head, ``d`` positions wide in the Q / K / V
-projections (weights and biases) and in the output projection's rows; the heads axis is a
-batch axis of the score and context MatMuls, and the ``H`` / ``H * d`` entries of the split
-and merge Reshape targets shrink with it. Fused attention (onnxruntime's transformer
-optimizer writes it) seeds a heads group at each com.microsoft op with ``num_heads > 1``:
+``H * d`` into ``(H, d)`` (also the last axis of 2-D token rows, ``[S, H * d] ->
+[1, S, H, d]``, merged back by ``[1, S, H, d] -> [S, H * d]``): one channel is one head,
+``d`` positions wide in the Q / K / V projections (weights and biases) and in the output
+projection's rows; the heads axis is a batch axis of the score and context MatMuls, and
+the ``H`` / ``H * d`` entries of the split and merge Reshape targets shrink with it.
+Fused attention (onnxruntime's transformer optimizer writes it) seeds a heads group at
+each com.microsoft op with ``num_heads > 1``:
 
 * MultiHeadAttention with 3-D ``[B, S, H * d]`` query, key and value (observed shapes;
   not packed QKV / KV, not BNSH key / value, the value as wide as the query): they join
@@ -199,6 +201,33 @@ class Group:
 
 def _name(node: ir.Node) -> str:
     return node.name or f"<{node.op_type} -> {node.outputs[0].name if node.outputs else '?'}>"
+
+
+def _head_split(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[int, int] | None:
+    """(axis of ``src``, heads axis of ``dst``) when a Reshape from ``src`` to ``dst``
+    splits one axis into (heads, head_dim), both > 1: ``[.., H * d, ..] -> [.., H, d, ..]``,
+    or the last axis while the leading ones regroup (``[S, H * d] -> [1, S, H, d]``, as
+    exports that run their projections on 2-D token rows write it); else None."""
+    if len(dst) == len(src) + 1:
+        for a in range(len(src)):
+            if (
+                tuple(dst[:a]) == tuple(src[:a])
+                and tuple(dst[a + 2 :]) == tuple(src[a + 1 :])
+                and dst[a] > 1
+                and dst[a + 1] > 1
+                and dst[a] * dst[a + 1] == src[a]
+            ):
+                return a, a
+    if (
+        len(src) >= 1
+        and len(dst) >= 2
+        and dst[-2] > 1
+        and dst[-1] > 1
+        and dst[-2] * dst[-1] == src[-1]
+        and math.prod(dst[:-2]) == math.prod(src[:-1])
+    ):
+        return len(src) - 1, len(dst) - 2
+    return None
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
@@ -1075,25 +1104,24 @@ class _Analyzer:
             return self.block(f"Reshape '{_name(node)}' has unknown shapes")
         a = lay.axis
         if port == "out":  # only back through a head split: [.., H*d, ..] -> [.., H, d, ..]
-            split = (
-                len(dst) == len(src) + 1
-                and a < len(src)
-                and tuple(dst[:a]) == tuple(src[:a])
-                and tuple(dst[a + 2 :]) == tuple(src[a + 1 :])
-                and dst[a] * dst[a + 1] == src[a]
-            )
-            if not split or lay.inner != 1 or self._g.kind != "heads":
+            split = _head_split(src, dst)
+            if split is None or split[1] != a or lay.inner != 1 or self._g.kind != "heads":
                 return self.block(f"channels are traced backwards through Reshape '{_name(node)}'")
-            if not self._fix_entry(node, a, 1, Layout(a, lay.offset * dst[a + 1], dst[a + 1])):
+            d = dst[a + 1]
+            back = Layout(split[0], lay.offset * d, d)
+            if not self._fix_entry(node, a, 1, back):
                 return None
             self._seen.update({(i, "in", 0), (i, "out", 0)})
-            return self.join(node.inputs[0], Layout(a, lay.offset * dst[a + 1], dst[a + 1]))
+            return self.join(node.inputs[0], back)
         if tuple(dst) == (*tuple(src[:a]), math.prod(src[a:])):  # flatten the tail
             b, t = a, math.prod(src[a + 1 :])
         elif tuple(src[a:]) == tuple(dst[len(dst) - (len(src) - a) :]) and math.prod(
             src[:a]
         ) == math.prod(dst[: len(dst) - (len(src) - a)]):  # merge / split leading axes
             b, t = len(dst) - (len(src) - a), 1
+        elif dst and dst[-1] == math.prod(src[a:]) and math.prod(dst[:-1]) == math.prod(src[:a]):
+            # flatten the tail and regroup the leading axes ([1, S, H, d] -> [S, H * d])
+            b, t = len(dst) - 1, math.prod(src[a + 1 :])
         else:
             return self.block(
                 f"Reshape '{_name(node)}' {list(src)} -> {list(dst)} splits or "
@@ -1107,37 +1135,30 @@ class _Analyzer:
         self._seen.update({(i, "in", 0), (i, "out", 0)})
         return self.join(node.outputs[0], Layout(b, lay.offset * t, lay.inner * t))
 
-    def head_splits(self) -> list[tuple[int, int, int, int]]:
-        """Reshapes that split one axis into (heads, head_dim): (node, axis, H, d)."""
+    def head_splits(self) -> list[tuple[int, int, int, int, int]]:
+        """Reshapes that split one axis into (heads, head_dim): (node, axis in the input,
+        heads axis in the output, H, d)."""
         found = []
         for i, node in enumerate(self.nodes):
             if node.op_type != "Reshape" or node.domain not in ONNX:
                 continue
             src, dst = self.shape(node.inputs[0]), self.shape(node.outputs[0])
-            if src is None or dst is None or len(dst) != len(src) + 1:
-                continue
-            for a in range(len(src)):
-                if (
-                    tuple(dst[:a]) == tuple(src[:a])
-                    and tuple(dst[a + 2 :]) == tuple(src[a + 1 :])
-                    and dst[a] > 1
-                    and dst[a + 1] > 1
-                    and dst[a] * dst[a + 1] == src[a]
-                ):
-                    found.append((i, a, dst[a], dst[a + 1]))
-                    break
+            split = None if src is None or dst is None else _head_split(src, dst)
+            if split is not None and dst is not None:
+                a, h = split
+                found.append((i, a, h, dst[h], dst[h + 1]))
         return found
 
-    def grow_heads(self, gid: int, split: tuple[int, int, int, int]) -> Group:
+    def grow_heads(self, gid: int, split: tuple[int, int, int, int, int]) -> Group:
         """A group of attention heads, seeded at a Reshape that splits them out."""
-        i, a, heads, dim = split
+        i, a, h, heads, dim = split
         node = self.nodes[i]
         g = Group(gid, heads, label=f"heads@{_name(node)}", unit=dim, kind="heads")
         self._start(g)
         g.nodes.add(i)
-        if self._fix_entry(node, a, 1, Layout(a, 0, dim)):
+        if self._fix_entry(node, h, 1, Layout(a, 0, dim)):
             self._seen.update({(i, "in", 0), (i, "out", 0)})
-            self.join(node.outputs[0], Layout(a))
+            self.join(node.outputs[0], Layout(h))
             self.join(node.inputs[0], Layout(a, 0, dim))
         self._drain()
         if not g.producers and not g.reasons:

@@ -565,16 +565,18 @@ def test_attention_heads_reshape_and_layernorm_block_with_reasons():
     assert g["o_proj"].reasons == ["LayerNormalization 'ln' normalizes over the channels"]
 
 
-def attention_model(seed=0, heads=4, dim=4, seq=6):
+def attention_model(seed=0, heads=4, dim=4, seq=6, rows=False):
     """Unfused multi-head self-attention: Q/K/V projections (with biases), split heads by
-    Reshape + Transpose, softmax(q k^T / sqrt(d)) v, merge heads, output projection."""
+    Reshape + Transpose, softmax(q k^T / sqrt(d)) v, merge heads, output projection.
+    ``rows``: the projections run on 2-D token rows ``[S, D]``, split to ``[1, S, H, d]``
+    and merged back to ``[S, D]`` (tf2onnx-style BERT exports)."""
     rng = np.random.default_rng(seed)
     hid = heads * dim
     inits = [init(f"W{n}", rand(rng, hid, hid, scale=1 / np.sqrt(hid))) for n in "qkvo"]
     inits += [init(f"b{n}", rand(rng, hid, scale=0.1)) for n in "qkv"]
     inits += [
         numpy_helper.from_array(np.array([1, seq, heads, dim], np.int64), "split"),
-        numpy_helper.from_array(np.array([1, seq, hid], np.int64), "merge"),
+        numpy_helper.from_array(np.array([seq, hid] if rows else [1, seq, hid], np.int64), "merge"),
         init("scale", np.array(1 / np.sqrt(dim))),
     ]
     nodes = []
@@ -595,7 +597,8 @@ def attention_model(seed=0, heads=4, dim=4, seq=6):
         helper.make_node("MatMul", ["c2", "Wo"], ["o"], name="o_proj"),
         helper.make_node("Add", ["o", "x"], ["y"], name="residual"),
     ]
-    return model(nodes, [vi("x", [1, seq, hid])], [vi("y", [1, seq, hid])], inits)
+    shape = [seq, hid] if rows else [1, seq, hid]
+    return model(nodes, [vi("x", shape)], [vi("y", shape)], inits)
 
 
 def test_attention_heads_form_one_group_with_q_k_v_and_o():
@@ -618,6 +621,27 @@ def test_attention_heads_form_one_group_with_q_k_v_and_o():
     }
     assert w["q_proj"].shape == (16, 12) and w["o_proj"].shape == (12, 16)
     assert list(w["q_split"]) == [1, 6, 3, 4] and list(w["merge_heads"]) == [1, 6, 12]
+    assert_runs_like(m, pruned, feeds)
+
+
+def test_attention_heads_on_2d_token_rows():
+    """[S, D] -> [1, S, H, d] splits and [1, S, H, d] -> [S, D] merges: the heads are found
+    through the regrouped leading axes, and both targets shrink."""
+    m = attention_model(rows=True, seed=2)
+    feeds = feeds_for(m, 8)
+    ir_model, groups = groups_of(m, feeds[0])
+    (g,) = [g for g in groups if g.kind == "heads"]
+    assert g.prunable, g.reasons
+    assert node_names(ir_model, g.producers) == ["k_proj", "q_proj", "v_proj"]
+    assert g.sinks[0].layout == Layout(1, 0, 4)
+    pruned, _ = prune_fixed(m, feeds, 0.5)
+    w = {
+        n.name: n.inputs[1].const_value.numpy()
+        for n in pruned.graph
+        if len(n.inputs) > 1 and n.inputs[1].const_value is not None
+    }
+    assert w["q_proj"].shape == (16, 8) and w["o_proj"].shape == (8, 16)
+    assert list(w["k_split"]) == [1, 6, 2, 4] and list(w["merge_heads"]) == [6, 8]
     assert_runs_like(m, pruned, feeds)
 
 
