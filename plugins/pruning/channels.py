@@ -611,7 +611,8 @@ class PruneChannels(graphopt.Pass):
                     recovery = "lsq"
             if search.best is None:
                 stats.update(
-                    reason="no pruning fits the budget on the calibration data", search=trail
+                    reason="no pruning fits the budget on the calibration data",
+                    search=trail.entries,
                 )
                 return graphopt.PassResult(False, stats)
             _, kept, held, recovery, _ = search.best
@@ -630,7 +631,7 @@ class PruneChannels(graphopt.Pass):
             if kept[g.id] < g.channels
         }
         if not removed:
-            stats.update(reason="the search kept every channel", search=trail)
+            stats.update(reason="the search kept every channel", search=trail.entries)
             return graphopt.PassResult(False, stats)
         if recovery == "sequential":
             plan, counts = sequential_plan(
@@ -685,8 +686,8 @@ class PruneChannels(graphopt.Pass):
             if node_fl[i] != after_fl[i] or params_before[i] != _params(nodes[i])
         ]
         stats["channels_removed"] = plan.channels_removed()
-        if trail:
-            stats["search"] = trail
+        if trail.entries:
+            stats["search"] = trail.entries
         stats["evaluations"] = ev.calls
         if cfg["bench_runs"] > 0:
             try:
@@ -714,22 +715,22 @@ class PruneChannels(graphopt.Pass):
 # ---------------------------------------------------------------------------- search
 
 
-class _Trail(list[dict[str, Any]]):
-    """The search's checks (reported in the pass's stats), each also logged as it is made:
-    with ``-v`` a long search shows where it stands."""
+class _Trail:
+    """The search's checks (``entries``, reported in the pass's stats), each also logged as
+    it is made: with ``-v`` a long search shows where it stands."""
 
     def __init__(self, log: logging.Logger, total_flops: float) -> None:
-        super().__init__()
+        self.entries: list[dict[str, Any]] = []
         self.log, self.total = log, max(total_flops, 1.0)
 
     def append(self, entry: dict[str, Any]) -> None:
-        super().append(entry)
+        self.entries.append(entry)
         if "ok" not in entry:
             return
         saved = entry.get("flops_saved_est")
         self.log.info(
             "prune-channels: check %d (%s recovery%s): %s, held-out cosine %s: %s",
-            len(self),
+            len(self.entries),
             entry.get("recovery", "?"),
             ", refine" if entry.get("refine") else "",
             "the best cut again" if saved is None else f"{100 * saved / self.total:.1f} % of FLOPs",
@@ -780,9 +781,7 @@ class _Search:
     """Bisection of the error allowance ``E`` (geometric), keeping the allocation with the
     most FLOPs removed whose held-out check meets the goal."""
 
-    def __init__(
-        self, allocate, saved, full, goal: Budget, trail: list[dict[str, Any]], deadline: float
-    ) -> None:
+    def __init__(self, allocate, saved, full, goal: Budget, trail: _Trail, deadline: float) -> None:
         self.allocate, self.saved, self.full = allocate, saved, full
         self.goal, self.trail, self.deadline = goal, trail, deadline
         self.trial_seconds = 0.0

@@ -10,6 +10,7 @@ stays within the budget; Constant-node weights are handled like initializers;
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -787,6 +788,9 @@ def test_prune_channels_search_meets_the_budget_through_optimize(caplog):
     assert any("statistics of 16 samples" in line for line in said)
     checks = [line for line in said if ": check " in line]
     assert len(checks) == sum("ok" in t for t in st["search"])
+    # the report (--report) carries the same trail
+    (passed,) = json.loads(res.report.to_json())["passes"]
+    assert passed["stats"]["search"] == st["search"]
     assert sum(line.endswith("within the budget") for line in checks) == sum(
         bool(t.get("ok")) for t in st["search"]
     )
