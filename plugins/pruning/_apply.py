@@ -141,8 +141,11 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
 
     by_name = {v.name: v for n in nodes for v in n.outputs if v.name}
     for g in touched:
-        for name in g.members:
-            value = by_name.get(name)
+        stale = [by_name.get(name) for name in g.members]
+        # a per-channel parameter computed from a cut constant (Reshape / Unsqueeze of a
+        # BatchNorm affine or a conv bias) changes shape too
+        stale += [out for c in g.cuts if c.role == "param" for out in nodes[c.node].outputs]
+        for value in stale:
             if value is not None and not value.is_graph_output():
                 value.shape = None
     drop_dead_constants(graph, old_values)
