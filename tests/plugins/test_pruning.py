@@ -602,6 +602,15 @@ def attention_model(seed=0, heads=4, dim=4, seq=6, rows=False):
     return model(nodes, [vi("x", shape)], [vi("y", shape)], inits)
 
 
+def second_inputs(ir_model):
+    """Node name -> its constant input 1 (a weight, a Reshape target)."""
+    return {
+        n.name: n.inputs[1].const_value.numpy()
+        for n in ir_model.graph
+        if len(n.inputs) > 1 and n.inputs[1].const_value is not None
+    }
+
+
 def test_attention_heads_form_one_group_with_q_k_v_and_o():
     m = attention_model()
     feeds = feeds_for(m, 8)
@@ -615,11 +624,7 @@ def test_attention_heads_form_one_group_with_q_k_v_and_o():
     assert node_names(ir_model, g.scaled) == ["context", "scores"]
     assert len(g.reshapes) == 4  # three head splits and the merge
     pruned, _ = prune_fixed(m, feeds, 0.25)
-    w = {
-        n.name: n.inputs[1].const_value.numpy()
-        for n in pruned.graph
-        if len(n.inputs) > 1 and n.inputs[1].const_value is not None
-    }
+    w = second_inputs(pruned)
     assert w["q_proj"].shape == (16, 12) and w["o_proj"].shape == (12, 16)
     assert list(w["q_split"]) == [1, 6, 3, 4] and list(w["merge_heads"]) == [1, 6, 12]
     assert_runs_like(m, pruned, feeds)
@@ -636,11 +641,7 @@ def test_attention_heads_on_2d_token_rows():
     assert node_names(ir_model, g.producers) == ["k_proj", "q_proj", "v_proj"]
     assert g.sinks[0].layout == Layout(1, 0, 4)
     pruned, _ = prune_fixed(m, feeds, 0.5)
-    w = {
-        n.name: n.inputs[1].const_value.numpy()
-        for n in pruned.graph
-        if len(n.inputs) > 1 and n.inputs[1].const_value is not None
-    }
+    w = second_inputs(pruned)
     assert w["q_proj"].shape == (16, 8) and w["o_proj"].shape == (8, 16)
     assert list(w["k_split"]) == [1, 6, 2, 4] and list(w["merge_heads"]) == [6, 8]
     assert_runs_like(m, pruned, feeds)
