@@ -6,7 +6,8 @@ pass             order what                                                  lev
 prune-channels   300   structured: dependency groups on the graph (conv      -O3 (needs
                        chains with residual / concat / split coupling,       calibration)
                        ConvTranspose heads, FFN hidden units, attention
-                       heads), channels ranked from weights
+                       heads, query / key head dimensions), channels
+                       ranked from weights
                        and calibration statistics, least-squares recovery of
                        the consumers (independent or sequential), per-group
                        ratios searched to fit the budget on held-out

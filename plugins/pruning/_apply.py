@@ -31,6 +31,10 @@ class Plan:
             that constant (e.g. a refitted sink weight whose input axis is already reduced);
             cuts on the other axes still apply.
         add_bias: node index of a MatMul sink -> a bias to add after it (inserted Add).
+        transforms: (node index, input index) -> [(axis, positions [H, d], bases [H, d, d])]:
+            along ``axis`` of that constant (after its override, before its cuts), the
+            ``d`` positions of each head ``h`` are multiplied by ``bases[h]`` (the new
+            bases of a Q / K head-dimension group's queries and keys).
     """
 
     removed: dict[int, np.ndarray] = field(default_factory=dict)
@@ -38,6 +42,9 @@ class Plan:
         default_factory=dict
     )
     add_bias: dict[int, np.ndarray] = field(default_factory=dict)
+    transforms: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray]]] = field(
+        default_factory=dict
+    )
 
     def channels_removed(self) -> int:
         return int(sum(len(r) for r in self.removed.values()))
@@ -67,7 +74,7 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
     names = Names(model)
     cuts = cut_positions(groups, plan.removed)
     old_values: list[ir.Value] = []
-    for key in sorted(set(cuts) | set(plan.overrides)):
+    for key in sorted(set(cuts) | set(plan.overrides) | set(plan.transforms)):
         i, j = key
         node = nodes[i]
         current = node.inputs[j] if j < len(node.inputs) else None
@@ -82,6 +89,8 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
                 raise ValueError(f"input {j} of {node.op_type} '{node.name}' is not constant")
             done = frozenset()
             dtype = arr.dtype
+        for axis, grid, bases in plan.transforms.get(key, ()):
+            arr = _rebase(arr, axis, grid, bases)
         for axis, pos in sorted(cuts.get(key, {}).items()):
             if axis in done:
                 continue
@@ -150,6 +159,13 @@ def apply_plan(model: ir.Model, groups: Sequence[Group], plan: Plan) -> list[ir.
                 value.shape = None
     drop_dead_constants(graph, old_values)
     return nodes
+
+
+def _rebase(arr: np.ndarray, axis: int, grid: np.ndarray, bases: np.ndarray) -> np.ndarray:
+    """``arr`` with the positions ``grid[h]`` along ``axis`` multiplied by ``bases[h]``."""
+    a = np.moveaxis(np.array(arr, dtype=np.float64), axis, -1)
+    a[..., grid] = np.einsum("...hd,hde->...he", a[..., grid], bases)
+    return np.moveaxis(a, -1, axis)
 
 
 def _fix_splits(

@@ -20,6 +20,16 @@ by sink against the inputs of the partly pruned model. Sinks without a Gram matr
 (k x k Conv) get the bias term only: ``b' = b + sum_{r removed} mu_r * sum_spatial W[:, r]``.
 A MatMul sink's bias is the constant of the Add that follows it (or a new Add).
 
+A Q / K head-dimension group has no sink: its channels end in the score MatMul. Its
+statistics are the per-head second moments of the queries and keys (:class:`QKStats`), and
+its recovery is a change of basis of every head's queries and keys (:func:`qk_bases`, exact
+before anything is cut) after which the trailing dimensions, those that carry least of the
+scores, leave; the bases go into ``Plan.transforms`` and apply to the projections' weights
+and biases. Measured on MiniLM (fit on the calibration set, NSR of the sentence embedding on
+the evaluation set, half of every head's dimensions gone in one layer): 0.005 / 0.004 /
+0.0009 for layers 0 / 1 / 2, against 0.023 / 0.054 / 0.030 for the same dimensions dropped
+without the new bases.
+
 Importance. ``output`` is the default (see :func:`channel_order`). ``obs`` ranks channels by
 greedy Optimal-Brain-Surgeon elimination on ``H = S + lam I``: removing position ``p`` with
 the best refit of the rest costs ``||W_p||^2 / [H^-1]_pp`` (relative to the sink's output
@@ -33,15 +43,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from ._apply import Plan
 from ._graph import Segments, const, run_with_values
-from .groups import Group
+from .groups import Group, Layout
 
 __all__ = [
+    "QKStats",
     "SinkStats",
     "build_plan",
     "channel_order",
@@ -74,6 +86,71 @@ class SinkStats:
     @property
     def var(self) -> np.ndarray:
         return np.maximum(self.mean_sq - self.mean**2, 0.0)
+
+
+@dataclass
+class QKStats:
+    """Calibration statistics of a Q / K head-dimension group, per head: the (row-weighted)
+    second moments of the queries and of the keys, padding keys (which the attention mask
+    hides) left out."""
+
+    node: int  # the score MatMul
+    n_q: float
+    n_k: float
+    gram_q: np.ndarray  # [H, d, d] sum of w q q^T
+    sum_k: np.ndarray  # [H, d]
+    gram_k: np.ndarray  # [H, d, d] sum of k k^T
+
+    def merged(self, other: QKStats) -> QKStats:
+        return QKStats(
+            self.node,
+            self.n_q + other.n_q,
+            self.n_k + other.n_k,
+            self.gram_q + other.gram_q,
+            self.sum_k + other.sum_k,
+            self.gram_k + other.gram_k,
+        )
+
+
+def head_grid(lay: Layout, channels: int) -> np.ndarray:
+    """[H, d] positions of a head-dimension group's channels in a projection's output."""
+    heads = np.arange(lay.reps, dtype=np.int64)[:, None] * lay.stride
+    return lay.offset + heads + np.arange(channels, dtype=np.int64)[None, :] * lay.inner
+
+
+def qk_bases(st: QKStats, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """New bases ``A``, ``B`` ([H, d, d]) of each head's queries and keys (ours): with
+    ``q' = q A`` and ``k' = k B``, ``q' k'^T = q k^T`` exactly (``A B^T = I``), and the
+    first ``r`` dimensions of ``q'``, ``k'`` give the best rank-``r`` approximation of the
+    scores over the calibration tokens: with ``X = Cq^1/2``, ``Y = Ck^1/2`` (the queries'
+    second moment, the keys' covariance: a key offset adds the same number to every score
+    of a query, which Softmax ignores) and the SVD ``X Y = P S R^T``, ``min ||q M k^T -
+    q k^T||`` over every (query, key) pair with ``rank M <= r`` is ``M = X^-1 P_r S_r R_r^T
+    Y^-1``, so ``A = X^-1 P S^1/2``, ``B = Y^-1 R S^1/2`` and dropping the trailing
+    dimensions of both is the truncation. ``ridge`` (times the mean variance) keeps ``X``,
+    ``Y`` well conditioned."""
+    heads, d = st.sum_k.shape
+    mu = st.sum_k / max(st.n_k, 1e-12)
+    a = np.empty((heads, d, d))
+    b = np.empty((heads, d, d))
+
+    def root(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = 0.5 * (c + c.T)
+        c = c + max(ridge * float(np.mean(np.diag(c))), 1e-12) * np.eye(d)
+        e, v = np.linalg.eigh(c)
+        e = np.sqrt(np.maximum(e, 1e-30))
+        return (v * e) @ v.T, (v / e) @ v.T
+
+    for h in range(heads):
+        cq = st.gram_q[h] / max(st.n_q, 1e-12)
+        ck = st.gram_k[h] / max(st.n_k, 1e-12) - np.outer(mu[h], mu[h])
+        x, x_inv = root(cq)
+        y, y_inv = root(ck)
+        p, sv, rt = np.linalg.svd(x @ y)
+        half = np.sqrt(sv)
+        a[h] = (x_inv @ p) * half
+        b[h] = (y_inv @ rt.T) * half
+    return a, b
 
 
 def sink_matrix(node: ir.Node, kind: str) -> tuple[np.ndarray | None, str]:
@@ -144,8 +221,14 @@ def collect_stats(
     wanted = [(nodes[i].inputs[0].name, i) for i in sinks]  # a value may feed several sinks
     linear = {i: sink_matrix(nodes[i], kind)[0] is not None for i, kind in sinks.items()}
     acc: dict[int, dict[str, object]] = {}
-    names = sorted({name for name, _ in wanted})
+    qks = [g for g in groups if g.prunable and g.kind == "qkdims"]
+    qk_acc: dict[int, QKStats] = {}
+    names = sorted({name for name, _ in wanted} | {v[0] for g in qks for v in g.qk.values()})
     for feed, outs in zip(feeds, run_with_values(model, feeds, names)):
+        for g in qks:
+            got = _qk_moments(g, feed, outs, masked)
+            i = g.bilinear[0]
+            qk_acc[i] = got if i not in qk_acc else qk_acc[i].merged(got)
         for name, i in wanted:
             node, kind = nodes[i], sinks[i]
             x = np.asarray(outs[name], dtype=np.float64)
@@ -173,7 +256,31 @@ def collect_stats(
             mean_sq=np.asarray(a["sq"]) / n,
             gram=a["gram"],  # type: ignore[arg-type]
         )
-    return stats
+    return {**stats, **qk_acc}
+
+
+def _qk_moments(g: Group, feed: Feed, outs: Mapping[str, np.ndarray], masked: float) -> QKStats:
+    """One sample's :class:`QKStats` of a head-dimension group (queries weighted like the
+    rows of a MatMul sink; keys of masked-out tokens left out)."""
+    mats = []
+    for side in (0, 1):
+        name, lay = g.qk[side]
+        x = np.asarray(outs[name], dtype=np.float64)
+        wt = row_weights(feed, x, "matmul", masked) if lay.axis == x.ndim - 1 else None
+        rows = np.moveaxis(x, lay.axis, -1).reshape(-1, x.shape[lay.axis])
+        per_head = rows[:, head_grid(lay, g.channels)]  # [N, H, d]
+        if side == 1 and wt is not None:
+            wt = (wt == 1.0).astype(np.float64)
+        w = np.ones(rows.shape[0]) if wt is None else wt
+        mats.append(
+            (
+                float(w.sum()),
+                np.einsum("n,nhd,nhe->hde", w, per_head, per_head),
+                np.einsum("n,nhd->hd", w, per_head),
+            )
+        )
+    (n_q, gram_q, _), (n_k, gram_k, sum_k) = mats
+    return QKStats(g.bilinear[0], n_q, n_k, gram_q, sum_k, gram_k)
 
 
 # ---------------------------------------------------------------------------- importance
@@ -201,6 +308,8 @@ def channel_order(
     upto: float = 1.0,
 ) -> tuple[np.ndarray, str]:
     """Channel indices of ``g`` from least to most important, and the method used."""
+    if g.kind == "qkdims":  # the new bases order the dimensions (:func:`qk_bases`)
+        return np.arange(g.channels)[::-1].copy(), "basis"
     nodes = list(model.graph)
     c = g.channels
     mats = []
@@ -334,6 +443,17 @@ def build_plan(
     counts = {"refit": 0, "bias_only": 0, "no_bias_slot": 0}
     if recovery == "none":
         return plan, counts
+    for g in groups:  # Q / K head dimensions: new bases, then the trailing ones leave
+        st_qk = stats.get(g.bilinear[0]) if g.kind == "qkdims" else None
+        if not isinstance(st_qk, QKStats) or not len(plan.removed.get(g.id, ())):
+            continue
+        bases = qk_bases(st_qk, ridge)
+        for c in g.cuts:
+            grid = head_grid(c.layout, g.channels)
+            plan.transforms.setdefault((c.node, c.input), []).append(
+                (c.axis, grid, bases[g.sides[(c.node, c.input)]])
+            )
+        counts["qk_bases"] = counts.get("qk_bases", 0) + 1
     nodes = list(model.graph)
     by_sink: dict[int, list[np.ndarray]] = {}
     kinds: dict[int, str] = {}
@@ -467,12 +587,15 @@ def _set_bias(plan: Plan, nodes: list[ir.Node], i: int, kind: str, delta: np.nda
 
 def merge_stats(a: Mapping[int, SinkStats], b: Mapping[int, SinkStats]) -> dict[int, SinkStats]:
     """Statistics over the union of the samples behind ``a`` and ``b``."""
-    out = {}
+    out: dict[int, Any] = {}
     for i in set(a) | set(b):
         if i not in a or i not in b:
             out[i] = a.get(i) or b[i]
             continue
         x, y = a[i], b[i]
+        if isinstance(x, QKStats):
+            out[i] = x.merged(y)  # type: ignore[arg-type]
+            continue
         n = x.n + y.n
 
         def avg(

@@ -216,7 +216,8 @@ class PruneChannels(graphopt.Pass):
     name = "prune-channels"
     summary = (
         "Structured pruning (conv / ConvTranspose channels with residual, concat and split "
-        "coupling, whole conv groups of grouped convs, FFN hidden units, attention heads) "
+        "coupling, whole conv groups of grouped convs, FFN hidden units, attention heads, "
+        "query / key head dimensions) "
         "with least-squares recovery; ratios searched to fit the --budget"
     )
     tolerance = graphopt.Tolerance.LOSSY
@@ -236,6 +237,12 @@ class PruneChannels(graphopt.Pass):
         ),
         "heads": graphopt.Option(
             bool, True, "also prune whole attention heads (unfused or com.microsoft fused)"
+        ),
+        "qkdims": graphopt.Option(
+            bool,
+            True,
+            "also prune dimensions of every head's queries and keys (unfused attention; "
+            "the heads' Q / K bases are refitted first so the dimensions that go matter least)",
         ),
         "recovery": graphopt.Option(
             str,
@@ -322,7 +329,7 @@ class PruneChannels(graphopt.Pass):
         shapes: dict[str, tuple[int, ...]] = {}
         for outs in run_with_values(model, feeds[:1], None):
             shapes = {k: tuple(np.shape(v)) for k, v in outs.items()}
-        groups = analyze(model, shapes, heads=cfg["heads"])
+        groups = analyze(model, shapes, heads=cfg["heads"], qkdims=cfg["qkdims"])
         stats: dict[str, Any] = {"groups": len(groups)}
         prunable = [g for g in groups if g.prunable]
         stats["groups_prunable"] = len(prunable)
@@ -345,9 +352,7 @@ class PruneChannels(graphopt.Pass):
         stats["groups_small"] = len(prunable) - len(active)
         align = cfg["align"] or _auto_align(ctx.target)
         stats["align"] = align
-        levels = {
-            g.id: _levels(g.channels, max(1, -(-align // g.unit)), cfg["max_ratio"]) for g in active
-        }
+        levels = {g.id: _levels(g.channels, _step(g, align), cfg["max_ratio"]) for g in active}
         active = [g for g in active if len(levels[g.id]) > 1]
         if not active:
             stats["reason"] = (
@@ -885,6 +890,16 @@ def _refine(search: _Search, active, levels, curves, cost: _Cost, measure, tag: 
 # ---------------------------------------------------------------------------- small helpers
 
 
+def _step(g: Group, align: int) -> int:
+    """Channels per level step, so that the kept outputs of a producer stay a multiple of
+    ``align``: a head group's channel is ``unit`` outputs, a head-dimension group's one
+    output of every head."""
+    if g.kind == "qkdims":
+        heads = next(iter(g.qk.values()))[1].reps
+        return max(1, align // math.gcd(align, heads))
+    return max(1, -(-align // g.unit))
+
+
 def _auto_align(target: str) -> int:
     if target not in ("cpu", "generic"):
         return 8
@@ -1008,18 +1023,20 @@ class _Cost:
         self.by_group: dict[int, list[int]] = {}
         for g in groups:
             out, inn = _flop_shares(g, nodes, shapes)
-            for side, part in (("out", out), ("in", inn)):
+            # a head-dimension group thins the same outputs as the heads group: a third
+            # factor, so removing both is not counted twice
+            for side, part in (("qk" if g.kind == "qkdims" else "out", out), ("in", inn)):
                 for i, f in part.items():
                     self.by_node.setdefault(i, []).append((g.id, f, side))
             self.by_group[g.id] = sorted({*out, *inn})
 
     def _gone(self, i: int, kept: Mapping[int, int]) -> float:
         """The share of node ``i``'s FLOPs that ``kept`` removes."""
-        gone = {"out": 0.0, "in": 0.0}
+        gone = {"out": 0.0, "in": 0.0, "qk": 0.0}
         for gid, f, side in self.by_node[i]:
             c = self.channels[gid]
             gone[side] += f * (1 - kept.get(gid, c) / c)
-        return 1 - max(1 - gone["out"], 0.0) * max(1 - gone["in"], 0.0)
+        return 1 - math.prod(max(1 - f, 0.0) for f in gone.values())
 
     def saved(self, kept: Mapping[int, int]) -> float:
         """The FLOPs the allocation removes (what the search maximizes)."""
@@ -1048,7 +1065,7 @@ def _share(g: Group, node: ir.Node, shapes: Mapping[str, Any]) -> float:
     dims = shapes.get(out.name or "")
     if lay is None or not dims or lay.axis >= len(dims) or not dims[lay.axis]:
         return 1.0
-    return min(1.0, g.channels * lay.inner / dims[lay.axis])
+    return min(1.0, g.channels * lay.inner * lay.reps / dims[lay.axis])
 
 
 def _group_report(

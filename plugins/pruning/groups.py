@@ -72,6 +72,22 @@ weight (and of what follows it up to the next sinks) and ``Cin / G`` positions o
 (and of the producers writing it); ``group`` shrinks with the channels, so every conv group
 left keeps its full width. Pruning inside a conv group (fewer rows per group) is not done.
 
+*Q / K head-dimension groups* (``kind="qkdims"``) are seeded at the same head-splitting
+Reshapes: one channel is one dimension of every head of the queries and of the keys (the
+score ``q . k`` sums over them, the values and the output projection do not see them). From
+the split the dimension axis is followed to the score MatMul that contracts it, and from its
+other operand back through the other split; in each projection's output a channel sits at
+``H`` positions ``d`` apart (``Layout.stride`` / ``Layout.reps``), and the ``d`` entries of
+both split Reshapes shrink. Between a projection and the scores only Transposes, Reshapes,
+Shape readers of other dimensions, a constant bias (Add / Sub) and a scale that is the same
+for every dimension (Mul / Div) may sit: recovery changes each head's query and key bases
+(:func:`graphopt_plugins.pruning._recover.qk_bases`), which must commute with every node on
+the way. Rotary embeddings, a per-dimension scale, queries or keys read elsewhere, or a
+score product the channels do not reach on both sides stop the group. The group crosses
+the heads group of the same attention on purpose (whole heads there, a dimension of every
+head left here); fused com.microsoft attention takes one head size for Q, K and V and is
+not split this way.
+
 A group is *not prunable* when the channels reach something that mixes them or exposes the
 count: a graph output or input, LayerNormalization / Softmax over the channel axis, a Reshape
 that splits the channels (outside a heads group), a grouped (non-depthwise) Conv (outside
@@ -91,7 +107,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -119,6 +135,9 @@ REDUCES = frozenset({
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
     "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare",
 })  # fmt: skip
+# what a Q / K head-dimension group passes between a projection and the scores (besides
+# the MatMuls): element-wise only a bias or a scalar scale (``_qk_elementwise``)
+QK_PASS = ("Transpose", "Identity", "Reshape", "Shape", "Add", "Sub", "Mul", "Div")
 NORMALIZING = frozenset({
     "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
     "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization", "Softmax",
@@ -129,15 +148,31 @@ NORMALIZING = frozenset({
 @dataclass(frozen=True)
 class Layout:
     """Where a group's channels sit in one tensor: channel ``c`` occupies positions
-    ``[offset + c * inner, offset + (c + 1) * inner)`` along ``axis``."""
+    ``[offset + c * inner, offset + (c + 1) * inner)`` along ``axis``, and, in a Q / K
+    head-dimension group (``reps`` heads ``stride`` apart), those positions plus
+    ``h * stride`` for every head ``h``."""
 
     axis: int
     offset: int = 0
     inner: int = 1
+    stride: int = 0
+    reps: int = 1
 
     def positions(self, channels: np.ndarray) -> np.ndarray:
         base = self.offset + np.asarray(channels, dtype=np.int64) * self.inner
-        return (base[:, None] + np.arange(self.inner)[None, :]).reshape(-1)
+        pos = (base[:, None] + np.arange(self.inner)[None, :]).reshape(-1)
+        if self.reps == 1:
+            return pos
+        heads = np.arange(self.reps, dtype=np.int64) * self.stride
+        return np.sort((heads[:, None] + pos[None, :]).reshape(-1))
+
+    def end(self, channels: int) -> int:
+        """One past the last position ``channels`` channels occupy along the axis."""
+        return self.offset + (self.reps - 1) * self.stride + channels * self.inner
+
+    def moved(self, axis: int) -> Layout:
+        """The same positions on another axis (a Transpose, a broadcast operand)."""
+        return replace(self, axis=axis)
 
 
 @dataclass(frozen=True)
@@ -188,7 +223,14 @@ class Group:
     # heads entry becomes 1 (MultiHeadAttention broadcasts it): (Expand, node, input, element)
     broadcast: list[tuple[int, int, int, int]] = field(default_factory=list)
     unit: int = 1  # producer outputs per channel (head_dim for attention-head groups)
+    # a Q / K head-dimension group: the score MatMul where the channels are contracted, the
+    # side (0: query, 1: key) of each cut constant (node, input), and per side the
+    # projection's output (value name, layout) whose statistics fit the heads' new bases
+    bilinear: list[int] = field(default_factory=list)
+    sides: dict[tuple[int, int], int] = field(default_factory=dict)
+    qk: dict[int, tuple[str, Layout]] = field(default_factory=dict)
     # channels | heads | split (the channels of one Split output) | convgroups (of a Conv)
+    # | qkdims (one dimension of every head's queries and keys)
     kind: str = "channels"
     reasons: list[str] = field(default_factory=list)
     nodes: set[int] = field(default_factory=set)
@@ -363,6 +405,12 @@ class _Analyzer:
         self._at: int | None = None  # the node whose handler runs
         self._fixed: dict[tuple[object, ...], Layout] = {}  # a Reshape / Split fix -> layout
         self._g = g
+        # a Q / K head-dimension group: the side (0: queries, 1: keys) the seed is on, the
+        # side traced second, and its operand of the score MatMul, joined once the first
+        # side is traced
+        self._side: int | None = None
+        self._other_side: int | None = None
+        self._pending: tuple[ir.Value, Layout] | None = None
 
     def _drain(self) -> None:
         while self._queue:
@@ -399,10 +447,12 @@ class _Analyzer:
             known = [old, *g.more.get(name, ())]
             if lay in known:
                 return
-            end = lay.offset + g.channels * lay.inner
+            end = lay.end(g.channels)
             if any(
                 o.axis != lay.axis
-                or (o.offset < end and lay.offset < o.offset + g.channels * o.inner)
+                or lay.reps > 1
+                or o.reps > 1
+                or (o.offset < end and lay.offset < o.end(g.channels))
                 for o in known
             ):
                 self.block(f"'{value.name}' carries the channels at two positions")
@@ -411,7 +461,7 @@ class _Analyzer:
         if shape is None:
             self.block(f"'{value.name}' has an unknown shape")
             return
-        if lay.axis >= len(shape) or lay.offset + g.channels * lay.inner > shape[lay.axis]:
+        if lay.axis >= len(shape) or lay.end(g.channels) > shape[lay.axis]:
             self.block(
                 f"'{value.name}' of shape {list(shape)} cannot hold {g.channels} "
                 f"channels on axis {lay.axis}"
@@ -476,6 +526,16 @@ class _Analyzer:
         self._g.nodes.add(i)
         self._at = i
         op, domain = node.op_type, node.domain
+        qk_passes = domain in ONNX and (
+            op in (*QK_PASS, "MatMul") or (op == "Gemm" and port == "out")
+        )
+        if self._g.kind == "qkdims" and not qk_passes:
+            # a change of basis of the heads' queries and keys must commute with every
+            # node between the projections and the scores
+            return self.block(
+                f"{op} '{_name(node)}' sits between a projection and the scores (only "
+                "biases, scalar scales, transposes and reshapes may)"
+            )
         if domain == MS and op in MS_ELEMENTWISE:
             return self.elementwise(i, node, port, k, lay)
         if domain == MS and op == "FusedConv":
@@ -611,7 +671,7 @@ class _Analyzer:
             return self.block(why)
         g = self._g
         # all of its output channels, or (a group per Split output) a range of them
-        whole = lay.offset == 0 and channels == g.channels * lay.inner
+        whole = lay.offset == 0 and channels == lay.end(g.channels)
         part = g.kind == "split" and (
             channels is not None and lay.offset + g.channels * lay.inner <= channels
         )
@@ -669,6 +729,8 @@ class _Analyzer:
         if rank is None or lay.axis != rank - 1:
             return self.block(f"MatMul '{_name(node)}' sees the channels on axis {lay.axis}")
         if port == "in":
+            if self._g.kind == "qkdims":
+                return self.block(f"the queries / keys feed MatMul '{_name(node)}'")
             self.sink(Sink(i, "matmul", lay))
             self.cut(i, 1, 0, lay, "sink")
             return None
@@ -683,6 +745,8 @@ class _Analyzer:
         r = self.rank(value)
         if r_out is None or r is None:
             return self.block(f"MatMul '{_name(node)}' has unknown shapes")
+        if self._g.kind == "qkdims":
+            return self._scores(i, node, port, k, lay)
         if lay.axis >= r - 2:
             return self.block(
                 f"MatMul '{_name(node)}' multiplies two tensors over the channel axis"
@@ -702,9 +766,31 @@ class _Analyzer:
             if shape[a_j] != out_shape[a_out]:
                 return self.block(f"MatMul '{_name(node)}' broadcasts '{inp.name}'")
             self._seen.add((i, "in", j))
-            self.join(inp, Layout(a_j, lay.offset, lay.inner))
+            self.join(inp, lay.moved(a_j))
         self._seen.add((i, "out", 0))
-        self.join(out, Layout(a_out, lay.offset, lay.inner))
+        self.join(out, lay.moved(a_out))
+        return None
+
+    def _scores(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """A Q / K head-dimension group reaches the score MatMul ``Q K^T``: the channels
+        must be the contracted axis of the operand that carries them (the last of the
+        queries, the one before it of the transposed keys); the other operand joins at
+        its contracted axis once this side is traced (``_pending``)."""
+        r = self.rank(node.inputs[k]) if port == "in" else None
+        if port != "in" or r is None or lay.axis != (r - 1 if k == 0 else r - 2):
+            return self.block(f"MatMul '{_name(node)}' does not contract the head dimensions")
+        other = node.inputs[1 - k]
+        shape = self.shape(other)
+        if shape is None or len(shape) < 2:
+            return self.block(f"'{other.name}' has an unknown shape")
+        axis = len(shape) - 2 if k == 0 else len(shape) - 1
+        if shape[axis] != self._g.channels or self._g.bilinear:
+            return self.block(f"MatMul '{_name(node)}' is not the heads' one score product")
+        self._g.bilinear.append(i)
+        self._g.scaled.append(i)
+        self._seen.update({(i, "in", 0), (i, "in", 1), (i, "out", 0)})
+        self._side = k
+        self._pending = (other, Layout(axis))
         return None
 
     def softmax_like(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
@@ -861,6 +947,10 @@ class _Analyzer:
         out_shape = self.shape(out)
         assert out_shape is not None
         d = out_shape[a_out]
+        if self._g.kind == "qkdims":
+            why = self._qk_elementwise(node, port, k, a_out, r_out)
+            if why:
+                return self.block(why)
         for j, inp in enumerate(node.inputs):
             if inp is None:
                 continue
@@ -878,17 +968,37 @@ class _Analyzer:
                     f"'{inp.name}' {list(shape)} against {list(out_shape)}"
                 )
             if const(inp) is not None:
-                self.cut(i, j, a_j, Layout(a_j, lay.offset, lay.inner), "param")
+                self.cut(i, j, a_j, lay.moved(a_j), "param")
             elif self.reshaped_param(inp, a_j, lay):
                 self._seen.add((i, "in", j))
             else:
                 self._seen.add((i, "in", j))
-                self.join(inp, Layout(a_j, lay.offset, lay.inner))
+                self.join(inp, lay.moved(a_j))
         if not self._other_outputs_unused(node):
             return None
         self._seen.add((i, "out", 0))
-        self.join(out, Layout(a_out, lay.offset, lay.inner))
+        self.join(out, lay.moved(a_out))
         return None
+
+    def _qk_elementwise(self, node: ir.Node, port: str, k: int, a_out: int, r_out: int) -> str:
+        """Why an element-wise node stops a Q / K head-dimension group ('' when it does
+        not): one operand carries the queries / keys, the others are a constant bias
+        (Add / Sub) or a scale that is the same for every dimension (Mul / Div)."""
+        carried = []
+        for j, inp in enumerate(node.inputs):
+            shape = self.shape(inp) if inp is not None else None
+            if shape is None:
+                return f"'{_name(node)}' has an operand of unknown shape"
+            a_j = a_out - (r_out - len(shape))
+            spread = a_j >= 0 and shape[a_j] != 1
+            if const(inp) is None:
+                if spread or (port == "in" and j == k):
+                    carried.append(j)
+            elif spread and node.op_type in ("Mul", "Div"):
+                return f"{node.op_type} '{_name(node)}' scales the head dimensions one by one"
+        if len(carried) != 1 or (node.op_type == "Div" and carried != [0]):
+            return f"{node.op_type} '{_name(node)}' mixes the queries / keys with a tensor"
+        return ""
 
     def reshaped_param(self, value: ir.Value, axis: int, lay: Layout) -> bool:
         """``value = Reshape(constant, constant target)`` or ``Unsqueeze(constant)`` read
@@ -921,7 +1031,7 @@ class _Analyzer:
         b = next(a for a, n in enumerate(data.shape) if n == d)
         self._g.nodes.add(ri)
         self._seen.update({(ri, "in", 0), (ri, "out", 0)})
-        self.cut(ri, 0, b, Layout(b, lay.offset, lay.inner), "param")
+        self.cut(ri, 0, b, lay.moved(b), "param")
         return rp.op_type == "Unsqueeze" or self._fix_entry(rp, axis, lay.inner, lay)
 
     def channel_preserving(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
@@ -995,9 +1105,9 @@ class _Analyzer:
         perm = list(node.attributes.get_ints("perm", list(range(rank))[::-1]))
         self._seen.update({(i, "in", 0), (i, "out", 0)})
         if port == "in":
-            self.join(node.outputs[0], Layout(perm.index(lay.axis), lay.offset, lay.inner))
+            self.join(node.outputs[0], lay.moved(perm.index(lay.axis)))
         else:
-            self.join(node.inputs[0], Layout(perm[lay.axis], lay.offset, lay.inner))
+            self.join(node.inputs[0], lay.moved(perm[lay.axis]))
         return None
 
     def _axes(self, node: ir.Node, rank: int) -> list[int] | None:
@@ -1024,8 +1134,8 @@ class _Analyzer:
         if port == "in":
             if lay.axis in axes:
                 return self.block(f"Squeeze '{_name(node)}' removes the channel axis")
-            return self.join(node.outputs[0], Layout(kept.index(lay.axis), lay.offset, lay.inner))
-        return self.join(node.inputs[0], Layout(kept[lay.axis], lay.offset, lay.inner))
+            return self.join(node.outputs[0], lay.moved(kept.index(lay.axis)))
+        return self.join(node.inputs[0], lay.moved(kept[lay.axis]))
 
     def op_Unsqueeze(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
@@ -1039,8 +1149,8 @@ class _Analyzer:
         kept = [a for a in range(len(shape)) if a not in axes]
         self._seen.update({(i, "in", 0), (i, "out", 0)})
         if port == "in":
-            return self.join(node.outputs[0], Layout(kept[lay.axis], lay.offset, lay.inner))
-        return self.join(node.inputs[0], Layout(kept.index(lay.axis), lay.offset, lay.inner))
+            return self.join(node.outputs[0], lay.moved(kept[lay.axis]))
+        return self.join(node.inputs[0], lay.moved(kept.index(lay.axis)))
 
     def op_Flatten(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         shape = self.shape(node.inputs[0])
@@ -1103,6 +1213,21 @@ class _Analyzer:
         if src is None or dst is None:
             return self.block(f"Reshape '{_name(node)}' has unknown shapes")
         a = lay.axis
+        if lay.reps > 1:
+            return self.block(f"the heads' dimensions pass Reshape '{_name(node)}'")
+        if port == "out" and self._g.kind == "qkdims":  # back to the projection, [.., H*d]
+            split = _head_split(src, dst)
+            if split is None or split[1] + 1 != a or lay.inner != 1 or lay.offset:
+                return self.block(f"channels are traced backwards through Reshape '{_name(node)}'")
+            side = self._other_side
+            if side is None or side in self._g.qk:
+                return self.block(f"Reshape '{_name(node)}' splits the heads a second time")
+            back = Layout(split[0], 0, 1, dst[a], dst[a - 1])
+            if not self._fix_entry(node, a, 1, back):
+                return None
+            self._seen.update({(i, "in", 0), (i, "out", 0)})
+            self._g.qk[side] = (node.inputs[0].name or "", back)
+            return self.join(node.inputs[0], back)
         if port == "out":  # only back through a head split: [.., H*d, ..] -> [.., H, d, ..]
             split = _head_split(src, dst)
             if split is None or split[1] != a or lay.inner != 1 or self._g.kind != "heads":
@@ -1163,6 +1288,44 @@ class _Analyzer:
         self._drain()
         if not g.producers and not g.reasons:
             self.block("no projection produces these heads")
+        return g
+
+    def grow_qk(self, gid: int, split: tuple[int, int, int, int, int]) -> Group | None:
+        """A Q / K head-dimension group, seeded at a Reshape that splits heads out: one
+        channel is one dimension of every head of the queries and the keys (``H``
+        positions ``d`` apart in each projection's outputs); the ``d`` entries of both
+        split Reshapes shrink with it. None when the split's head dimensions are not
+        contracted by a score MatMul (the values' split, for one)."""
+        i, a, h, heads, dim = split
+        node = self.nodes[i]
+        g = Group(gid, dim, label=f"qkdims@{_name(node)}", kind="qkdims")
+        self._start(g)
+        g.nodes.add(i)
+        back = Layout(a, 0, 1, dim, heads)
+        if self._fix_entry(node, h + 1, 1, back):
+            self._seen.update({(i, "in", 0), (i, "out", 0)})
+            self.join(node.outputs[0], Layout(h + 1))
+            self.join(node.inputs[0], back)
+        self._drain()
+        if not g.bilinear or self._side is None:
+            return None
+        g.qk[self._side] = (node.inputs[0].name or "", back)
+        side = {(c.node, c.input): self._side for c in g.cuts}
+        if self._pending is not None:  # also when blocked: the other split is taken
+            self._other_side = 1 - self._side
+            self.join(*self._pending)
+            self._drain()
+            for c in g.cuts:
+                key = (c.node, c.input)
+                if key in side and side[key] != self._side:
+                    self.block("the queries and the keys share a constant")
+                side.setdefault(key, self._other_side)
+        g.sides = side
+        for s in (0, 1):
+            if g.reasons:
+                break
+            if not any(side.get((p, 1)) == s for p in g.producers) or s not in g.qk:
+                self.block(f"no projection produces the {('queries', 'keys')[s]}")
         return g
 
     # ------------------------------------------------------------------ fused attention
@@ -1481,12 +1644,16 @@ class _Analyzer:
         if port == "in":
             if lay.axis in axes:
                 return self.block(f"{node.op_type} '{_name(node)}' reduces over the channels")
-            return self.join(node.outputs[0], Layout(kept.index(lay.axis), lay.offset, lay.inner))
-        return self.join(node.inputs[0], Layout(kept[lay.axis], lay.offset, lay.inner))
+            return self.join(node.outputs[0], lay.moved(kept.index(lay.axis)))
+        return self.join(node.inputs[0], lay.moved(kept[lay.axis]))
 
 
 def analyze(
-    model: ir.Model, shapes: Mapping[str, tuple[int, ...]], *, heads: bool = True
+    model: ir.Model,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    heads: bool = True,
+    qkdims: bool = True,
 ) -> list[Group]:
     """The dependency groups of the model's main graph (prunable or not, with reasons).
 
@@ -1495,6 +1662,7 @@ def analyze(
         shapes: value name -> observed shape (from one run of the model).
         heads: also look for attention-head groups (Reshapes that split heads out,
             com.microsoft MultiHeadAttention / Attention).
+        qkdims: also look for Q / K head-dimension groups (unfused attention).
     """
     an = _Analyzer(model, shapes)
     groups: list[Group] = []
@@ -1533,21 +1701,33 @@ def analyze(
             g = an.grow_attention(len(groups), seed)
             done.update(g.nodes)
             groups.append(g)
+        if qkdims:
+            split_done: set[int] = set()
+            for split in an.head_splits():
+                if split[0] in split_done:
+                    continue
+                qk = an.grow_qk(len(groups), split)
+                if qk is not None:
+                    split_done.update(qk.nodes)
+                    groups.append(qk)
     # two prunable groups must never cut the same positions of the same constant
     owner: dict[tuple[int, int, int], list[tuple[int, int, Group]]] = {}
     for g in groups:
         if not g.prunable:
             continue
         spans = [
-            (
-                (c.node, c.input, c.axis),
-                c.layout.offset,
-                c.layout.offset + g.channels * c.layout.inner,
-            )
-            for c in g.cuts
+            ((c.node, c.input, c.axis), c.layout.offset, c.layout.end(g.channels)) for c in g.cuts
         ]
+        # a head-dimension group crosses the heads group of the same attention by design:
+        # one removes whole heads, the other a dimension of every head that is left
+        crossing = {"heads", "qkdims"}
         clash = next(
-            (o for key, lo, hi in spans for a, b, o in owner.get(key, ()) if lo < b and a < hi),
+            (
+                o
+                for key, lo, hi in spans
+                for a, b, o in owner.get(key, ())
+                if lo < b and a < hi and {g.kind, o.kind} != crossing
+            ),
             None,
         )
         if clash is not None:

@@ -625,8 +625,12 @@ def test_attention_heads_form_one_group_with_q_k_v_and_o():
     assert len(g.reshapes) == 4  # three head splits and the merge
     pruned, _ = prune_fixed(m, feeds, 0.25)
     w = second_inputs(pruned)
-    assert w["q_proj"].shape == (16, 12) and w["o_proj"].shape == (12, 16)
-    assert list(w["q_split"]) == [1, 6, 3, 4] and list(w["merge_heads"]) == [1, 6, 12]
+    # a head of four goes, and (the Q / K head-dimension group) one dimension of each
+    # remaining head's queries and keys; the values keep theirs
+    assert w["v_proj"].shape == (16, 12) and w["o_proj"].shape == (12, 16)
+    assert w["q_proj"].shape == w["k_proj"].shape == (16, 9)
+    assert list(w["v_split"]) == [1, 6, 3, 4] and list(w["merge_heads"]) == [1, 6, 12]
+    assert list(w["q_split"]) == list(w["k_split"]) == [1, 6, 3, 3]
     assert_runs_like(m, pruned, feeds)
 
 
@@ -642,8 +646,10 @@ def test_attention_heads_on_2d_token_rows():
     assert g.sinks[0].layout == Layout(1, 0, 4)
     pruned, _ = prune_fixed(m, feeds, 0.5)
     w = second_inputs(pruned)
-    assert w["q_proj"].shape == (16, 8) and w["o_proj"].shape == (8, 16)
-    assert list(w["k_split"]) == [1, 6, 2, 4] and list(w["merge_heads"]) == [6, 8]
+    assert w["v_proj"].shape == (16, 8) and w["o_proj"].shape == (8, 16)
+    assert w["q_proj"].shape == (16, 4)  # 2 heads of 2 query dimensions
+    assert list(w["v_split"]) == [1, 6, 2, 4] and list(w["merge_heads"]) == [6, 8]
+    assert list(w["k_split"]) == [1, 6, 2, 2]
     assert_runs_like(m, pruned, feeds)
 
 
