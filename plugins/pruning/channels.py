@@ -590,11 +590,12 @@ class PruneChannels(graphopt.Pass):
                 base = search.best
                 seq_metrics = measure_seq(base[1])
                 seq_nsr = math.inf if seq_metrics is None else nsr(seq_metrics)
+                seq_ok = seq_metrics is not None and not goal.violations(seq_metrics)
                 trail.append(
                     {
                         "recovery": "sequential",
                         "recheck_of_best": True,
-                        "ok": seq_metrics is not None and not goal.violations(seq_metrics),
+                        "ok": seq_ok,
                         **(metrics_dict(seq_metrics) if seq_metrics is not None else {}),
                     }
                 )
@@ -602,9 +603,9 @@ class PruneChannels(graphopt.Pass):
                     float(f"{seq_nsr:.4g}"),
                     float(f"{nsr(base[2]):.4g}"),
                 ]
-                if recovery == "sequential" or seq_nsr < nsr(base[2]):
+                if _sequential_wins(recovery, seq_nsr, nsr(base[2]), seq_ok):
                     recovery = "sequential"
-                    if seq_metrics is not None and not goal.violations(seq_metrics):
+                    if seq_ok:
                         search.best = (base[0], base[1], seq_metrics, "sequential", base[4])
                         # sequential recovery leaves less error: look past the lsq limit
                         hi = max(min(total * 1.0001, base[4] * 4.0), base[4] * 1.1)
@@ -718,6 +719,14 @@ class PruneChannels(graphopt.Pass):
 
 
 # ---------------------------------------------------------------------------- search
+
+
+def _sequential_wins(recovery: str, seq_nsr: float, lsq_nsr: float, seq_ok: bool) -> bool:
+    """Whether the search goes on with sequential recovery after re-checking the best lsq
+    cut with it: always when asked for; for ``auto`` where it leaves less error *and* still
+    meets the budget (a lower NSR can miss a cosine bound the lsq cut met; restarting the
+    search then lost the lsq cut: MiniLM at 0.98, 36.7 % of the FLOPs -> 30.7 %)."""
+    return recovery == "sequential" or (seq_ok and seq_nsr < lsq_nsr)
 
 
 class _Trail:

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from graphopt_plugins.pruning import _recover
 from graphopt_plugins.pruning._graph import Segments, live_before, run_with_values
 from graphopt_plugins.pruning._recover import collect_stats, sequential_plan
+from graphopt_plugins.pruning.channels import _sequential_wins
 from onnx import TensorProto, helper
 from test_pruning import feeds_for, groups_of, init, mlp_model, model, residual_model, vi
 
@@ -106,3 +107,12 @@ def test_sequential_plan_is_the_one_whole_prefix_runs_give(monkeypatch):
         for key in a.overrides:
             np.testing.assert_array_equal(a.overrides[key][0], b.overrides[key][0])
         assert a.add_bias.keys() == b.add_bias.keys()
+
+
+def test_auto_keeps_the_lsq_cut_when_sequential_misses_the_budget():
+    """Sequential recovery wins the re-check of the best lsq cut only when it also meets
+    the budget (a lower NSR can still miss a cosine bound); asked for, it always goes on."""
+    assert _sequential_wins("auto", 0.040, 0.041, seq_ok=True)
+    assert not _sequential_wins("auto", 0.040, 0.041, seq_ok=False)
+    assert not _sequential_wins("auto", 0.042, 0.041, seq_ok=True)
+    assert _sequential_wins("sequential", 0.042, 0.041, seq_ok=False)
