@@ -256,7 +256,8 @@ def collect_stats(
             mean_sq=np.asarray(a["sq"]) / n,
             gram=a["gram"],  # type: ignore[arg-type]
         )
-    return {**stats, **qk_acc}
+    out: dict[int, Any] = {**stats, **qk_acc}  # a QKStats at each head-dimension group
+    return out
 
 
 def _qk_moments(g: Group, feed: Feed, outs: Mapping[str, np.ndarray], masked: float) -> QKStats:

@@ -6,7 +6,9 @@ budget on the validation inputs, which should be a held-out evaluation set):
 1. Run the model once on a calibration sample with every intermediate value exposed, to
    know each value's shape; compute the dependency groups (:mod:`.groups`): conv channels,
    the conv groups of grouped convs, FFN hidden units, attention heads (``heads=true``;
-   unfused, or fused com.microsoft MultiHeadAttention / Attention).
+   unfused, or fused com.microsoft MultiHeadAttention / Attention), the dimensions of
+   every head's queries and keys (``qkdims=true``; unfused attention; recovery gives each
+   head new Q / K bases first).
 2. Statistics at every sink of the prunable groups (:mod:`._recover`), separately on the two
    halves of the calibration set (``crossfit``); rank each group's channels
    (``importance``) per half and on everything.

@@ -272,6 +272,10 @@ def _head_split(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[int, int] |
     return None
 
 
+def _name_of(value: ir.Value | None) -> str:
+    return "" if value is None else value.name or ""
+
+
 def _ints(value: ir.Value | None) -> list[int] | None:
     arr = const(value)
     if arr is None:
@@ -781,8 +785,8 @@ class _Analyzer:
             return self.block(f"MatMul '{_name(node)}' does not contract the head dimensions")
         other = node.inputs[1 - k]
         shape = self.shape(other)
-        if shape is None or len(shape) < 2:
-            return self.block(f"'{other.name}' has an unknown shape")
+        if other is None or shape is None or len(shape) < 2:
+            return self.block(f"MatMul '{_name(node)}' has an operand of unknown shape")
         axis = len(shape) - 2 if k == 0 else len(shape) - 1
         if shape[axis] != self._g.channels or self._g.bilinear:
             return self.block(f"MatMul '{_name(node)}' is not the heads' one score product")
@@ -1226,7 +1230,7 @@ class _Analyzer:
             if not self._fix_entry(node, a, 1, back):
                 return None
             self._seen.update({(i, "in", 0), (i, "out", 0)})
-            self._g.qk[side] = (node.inputs[0].name or "", back)
+            self._g.qk[side] = (_name_of(node.inputs[0]), back)
             return self.join(node.inputs[0], back)
         if port == "out":  # only back through a head split: [.., H*d, ..] -> [.., H, d, ..]
             split = _head_split(src, dst)
@@ -1309,7 +1313,7 @@ class _Analyzer:
         self._drain()
         if not g.bilinear or self._side is None:
             return None
-        g.qk[self._side] = (node.inputs[0].name or "", back)
+        g.qk[self._side] = (_name_of(node.inputs[0]), back)
         side = {(c.node, c.input): self._side for c in g.cuts}
         if self._pending is not None:  # also when blocked: the other split is taken
             self._other_side = 1 - self._side
@@ -1701,15 +1705,15 @@ def analyze(
             g = an.grow_attention(len(groups), seed)
             done.update(g.nodes)
             groups.append(g)
-        if qkdims:
-            split_done: set[int] = set()
-            for split in an.head_splits():
-                if split[0] in split_done:
-                    continue
-                qk = an.grow_qk(len(groups), split)
-                if qk is not None:
-                    split_done.update(qk.nodes)
-                    groups.append(qk)
+    if qkdims:
+        split_done: set[int] = set()
+        for split in an.head_splits():
+            if split[0] in split_done:
+                continue
+            qk = an.grow_qk(len(groups), split)
+            if qk is not None:
+                split_done.update(qk.nodes)
+                groups.append(qk)
     # two prunable groups must never cut the same positions of the same constant
     owner: dict[tuple[int, int, int], list[tuple[int, int, Group]]] = {}
     for g in groups:

@@ -33,6 +33,7 @@ from test_pruning import (
     second_inputs,
 )
 
+import graphopt
 from graphopt.testing import run_model
 
 
@@ -185,3 +186,34 @@ def test_keys_that_are_the_queries_stop_the_group():
     m.graph.node.extend(keep)
     _, g = qk_group(m, feeds_for(m, 1)[0])
     assert not g.prunable
+
+
+def test_the_search_cuts_low_rank_scores_through_optimize():
+    """Queries and keys of rank 2 per head: the new bases put everything the scores use in
+    two dimensions, so the search takes most of the others at a tight budget."""
+    m = attention_model(heads=4, dim=8, seq=6, seed=4)
+    rng = np.random.default_rng(7)
+    hid = 32
+    for t in m.graph.initializer:
+        if t.name in ("Wq", "Wk"):
+            low = np.concatenate(
+                [rng.normal(size=(hid, 2)) @ rng.normal(size=(2, 8)) for _ in range(4)], axis=1
+            )
+            t.CopyFrom(onnx.numpy_helper.from_array((low / hid).astype(np.float32), t.name))
+    res = graphopt.optimize(
+        m,
+        pipeline="prune-channels{bench_runs=0,min_flops=0,align=4,heads=false}",
+        budget="cosine>=0.999",
+        calibration=feeds_for(m, 16, seed=1),
+        inputs=feeds_for(m, 8, seed=2),
+    )
+    (rec,) = res.report.passes
+    assert rec.status == "applied", rec.reason
+    reported = {g["group"]: g for g in rec.stats["groups_pruned"]}
+    (qk,) = [g for name, g in reported.items() if name.startswith("qkdims@")]
+    assert qk["importance"] == "basis" and qk["channels"] == 8 and qk["kept"] <= 4
+    w = {i.name: i for i in res.model_proto.graph.initializer}
+    q_proj = next(n for n in res.model_proto.graph.node if n.name == "q_proj")
+    assert list(w[q_proj.input[1]].dims) == [hid, 4 * qk["kept"]]
+    assert res.report.final["status"] == "ok"
+    onnx.checker.check_model(res.model_proto, full_check=True)
