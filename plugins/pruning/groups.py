@@ -1000,6 +1000,10 @@ class _Analyzer:
                     carried.append(j)
             elif spread and node.op_type in ("Mul", "Div"):
                 return f"{node.op_type} '{_name(node)}' scales the head dimensions one by one"
+            elif not spread and node.op_type in ("Add", "Sub") and np.any(const(inp)):
+                # a bias cut per dimension changes basis with the queries / keys; one
+                # number added to every dimension would not
+                return f"{node.op_type} '{_name(node)}' adds one number to every head dimension"
         if len(carried) != 1 or (node.op_type == "Div" and carried != [0]):
             return f"{node.op_type} '{_name(node)}' mixes the queries / keys with a tensor"
         return ""

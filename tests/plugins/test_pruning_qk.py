@@ -169,6 +169,20 @@ def test_a_per_dimension_scale_stops_the_group_and_a_scalar_one_does_not():
             assert g.reasons == ["Mul 'k_scale' scales the head dimensions one by one"]
 
 
+def test_one_number_added_to_every_query_dimension_stops_the_group():
+    """A per-dimension bias changes basis with the queries; a broadcast scalar would not."""
+    m = rewire(
+        attention_model(),
+        "q_split",
+        [helper.make_node("Add", ["q1", "qshift"], ["q1s"], name="q_shift")],
+        "q1",
+        "q1s",
+    )
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), "qshift"))
+    _, g = qk_group(m, feeds_for(m, 1)[0])
+    assert g.reasons == ["Add 'q_shift' adds one number to every head dimension"]
+
+
 def test_keys_that_are_the_queries_stop_the_group():
     """Self-similarity attention (``q k^T`` with k = q): one projection on both sides."""
     m = attention_model()
@@ -185,7 +199,9 @@ def test_keys_that_are_the_queries_stop_the_group():
     del m.graph.node[:]
     m.graph.node.extend(keep)
     _, g = qk_group(m, feeds_for(m, 1)[0])
+    # the second side leads back to the first one's tensor: nothing of its own to rebase
     assert not g.prunable
+    assert g.reasons[0].startswith("no projection produces the")
 
 
 def test_the_search_cuts_low_rank_scores_through_optimize():
