@@ -28,9 +28,13 @@ from test_pruning import (
     attention_model,
     feeds_for,
     groups_of,
+    init,
+    model,
     node_names,
     prune_fixed,
+    rand,
     second_inputs,
+    vi,
 )
 
 import graphopt
@@ -120,6 +124,64 @@ def test_pruned_qk_dims_run_and_the_bases_reduce_error():
         w = second_inputs(pruned)
         assert w["q_proj"].shape == w["k_proj"].shape == (16, 8)  # 2 heads x 4 dims
         assert list(w["q_split"]) == [1, 6, 2, 4] and list(w["v_split"]) == [1, 6, 2, 8]
+        assert_runs_like(m, pruned, fit)
+        ref, got = run_model(m, held), run_model(pruned, held)
+        errs[recovery] = sum(float(np.sum((a["y"] - b["y"]) ** 2)) for a, b in zip(ref, got))
+    assert errs["lsq"] < 0.7 * errs["none"], errs
+
+
+def gemm_attention_model(seed=0, heads=2, dim=8, seq=6):
+    """2-D token rows through Gemm projections with transposed weights (``[out, in]``,
+    ``transB=1``), as tf2onnx / Keras exports write them, scaled queries."""
+    rng = np.random.default_rng(seed)
+    hid = heads * dim
+    inits = [init(f"W{n}", rand(rng, hid, hid, scale=1 / np.sqrt(hid))) for n in "qkvo"]
+    inits += [init(f"b{n}", rand(rng, hid, scale=0.1)) for n in "qkvo"]
+    inits += [
+        onnx.numpy_helper.from_array(np.array([1, seq, heads, dim], np.int64), "split"),
+        onnx.numpy_helper.from_array(np.array([seq, hid], np.int64), "merge"),
+        init("scale", np.array(1 / np.sqrt(dim))),
+    ]
+    nodes = []
+    for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [
+            helper.make_node(
+                "Gemm", ["x", f"W{n}", f"b{n}"], [f"{n}1"], name=f"{n}_proj", transB=1
+            ),
+            helper.make_node("Reshape", [f"{n}1", "split"], [f"{n}2"], name=f"{n}_split"),
+            helper.make_node("Transpose", [f"{n}2"], [f"{n}3"], name=f"{n}_t", perm=perm),
+        ]
+    nodes += [
+        helper.make_node("Mul", ["q3", "scale"], ["q4"], name="q_scale"),
+        helper.make_node("MatMul", ["q4", "k3"], ["s0"], name="scores"),
+        helper.make_node("Softmax", ["s0"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v3"], ["c0"], name="context"),
+        helper.make_node("Transpose", ["c0"], ["c1"], name="c_t", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["c1", "merge"], ["c2"], name="merge_heads"),
+        helper.make_node("Gemm", ["c2", "Wo", "bo"], ["y"], name="o_proj", transB=1),
+    ]
+    return model(nodes, [vi("x", [seq, hid])], [vi("y", [seq, hid])], inits)
+
+
+def test_gemm_projections_with_transposed_weights():
+    """The bases apply along the weights' output axis (0 with ``transB=1``), and to the
+    Gemm's bias; the scalar scale on the queries passes."""
+    m = gemm_attention_model()
+    feeds = feeds_for(m, 24, seed=1)
+    fit, held = feeds[:16], feeds[16:]
+    ir_model, g = qk_group(m, fit[0])
+    assert g.prunable, g.reasons
+    sides = {(ir_model.graph.node(n).name, i): s for (n, i), s in g.sides.items()}
+    assert sides == {("q_proj", 1): 0, ("q_proj", 2): 0, ("k_proj", 1): 1, ("k_proj", 2): 1}
+    st = collect_stats(ir_model, [g], fit)
+    order, _ = channel_order(ir_model, g, st, "auto")
+    errs = {}
+    for recovery in ("lsq", "none"):
+        plan, _ = build_plan(ir_model, [g], {g.id: np.sort(order[:4])}, st, recovery)
+        pruned = ir_model.clone()
+        apply_plan(pruned, [g], plan)
+        w = second_inputs(pruned)
+        assert w["q_proj"].shape == w["k_proj"].shape == (8, 16)  # [out, in]: 2 heads x 4
         assert_runs_like(m, pruned, fit)
         ref, got = run_model(m, held), run_model(pruned, held)
         errs[recovery] = sum(float(np.sum((a["y"] - b["y"]) ** 2)) for a, b in zip(ref, got))
