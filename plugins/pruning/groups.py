@@ -272,6 +272,26 @@ def _head_split(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[int, int] |
     return None
 
 
+def _packed_split(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(axis of ``src``, heads axis of ``dst``, parts) when a Reshape unpacks a packed
+    projection: ``[.., P * H * d, ..] -> [.., P, H, d, ..]`` (Q, K and V in one MatMul,
+    as timm's ViT and Paddle's SVTR write it; P = 2 for packed K / V), H, d > 1."""
+    if len(dst) != len(src) + 2:
+        return None
+    for a in range(len(src)):
+        parts, heads, dim = dst[a : a + 3]
+        if (
+            tuple(dst[:a]) == tuple(src[:a])
+            and tuple(dst[a + 3 :]) == tuple(src[a + 1 :])
+            and parts in (2, 3)
+            and heads > 1
+            and dim > 1
+            and parts * heads * dim == src[a]
+        ):
+            return a, a + 1, parts
+    return None
+
+
 def _name_of(value: ir.Value | None) -> str:
     return "" if value is None else value.name or ""
 
@@ -540,6 +560,10 @@ class _Analyzer:
                 f"{op} '{_name(node)}' sits between a projection and the scores (only "
                 "biases, scalar scales, transposes and reshapes may)"
             )
+        if lay.reps > 1 and not qk_passes:
+            # strided channels (heads of a packed projection, the dimensions of every
+            # head) only pass what keeps positions: biases, scales, transposes, reshapes
+            return self.block(f"{op} '{_name(node)}' sees strided channels")
         if domain == MS and op in MS_ELEMENTWISE:
             return self.elementwise(i, node, port, k, lay)
         if domain == MS and op == "FusedConv":
@@ -1282,17 +1306,35 @@ class _Analyzer:
                 found.append((i, a, h, dst[h], dst[h + 1]))
         return found
 
-    def grow_heads(self, gid: int, split: tuple[int, int, int, int, int]) -> Group:
-        """A group of attention heads, seeded at a Reshape that splits them out."""
-        i, a, h, heads, dim = split
+    def packed_splits(self) -> list[tuple[int, int, int, int, int, int]]:
+        """Reshapes that unpack a packed projection into (parts, heads, head_dim): (node,
+        axis in the input, heads axis in the output, H, d, parts)."""
+        found = []
+        for i, node in enumerate(self.nodes):
+            if node.op_type != "Reshape" or node.domain not in ONNX:
+                continue
+            src, dst = self.shape(node.inputs[0]), self.shape(node.outputs[0])
+            packed = None if src is None or dst is None else _packed_split(src, dst)
+            if packed is not None and dst is not None:
+                a, h, parts = packed
+                found.append((i, a, h, dst[h], dst[h + 1], parts))
+        return found
+
+    def grow_heads(self, gid: int, split: tuple[int, ...]) -> Group:
+        """A group of attention heads, seeded at a Reshape that splits them out (or that
+        unpacks a packed Q / K / V projection: ``split`` has a sixth entry, the parts; a
+        head then sits ``H * d`` apart in each part of the projection's outputs)."""
+        i, a, h, heads, dim = split[:5]
+        parts = split[5] if len(split) > 5 else 1
         node = self.nodes[i]
         g = Group(gid, heads, label=f"heads@{_name(node)}", unit=dim, kind="heads")
         self._start(g)
         g.nodes.add(i)
-        if self._fix_entry(node, h, 1, Layout(a, 0, dim)):
+        back = Layout(a, 0, dim, heads * dim if parts > 1 else 0, parts)
+        if self._fix_entry(node, h, 1, back):
             self._seen.update({(i, "in", 0), (i, "out", 0)})
             self.join(node.outputs[0], Layout(h))
-            self.join(node.inputs[0], Layout(a, 0, dim))
+            self.join(node.inputs[0], back)
         self._drain()
         if not g.producers and not g.reasons:
             self.block("no projection produces these heads")
@@ -1509,6 +1551,30 @@ class _Analyzer:
             self.block("no projection produces these heads")
         return g
 
+    def op_Gather(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
+        """Gather along another axis with constant indices (``q, k, v = qkv.unbind(0)``
+        as timm's ViT exports it): the channel axis moves by the indices' rank - 1."""
+        if port == "in" and k > 0:
+            return self.block(f"channels are the indices of Gather '{_name(node)}'")
+        rank = self.rank(node.inputs[0])
+        idx = const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if rank is None or idx is None:
+            return self.block(f"Gather '{_name(node)}' has non-constant indices")
+        axis = node.attributes.get_int("axis", 0) % rank
+        shift = idx.ndim - 1
+        self._seen.update({(i, "in", 0), (i, "out", 0)})
+        if port == "in":
+            if lay.axis == axis:
+                return self.block(f"Gather '{_name(node)}' picks channels")
+            return self.join(
+                node.outputs[0], lay.moved(lay.axis if lay.axis < axis else lay.axis + shift)
+            )
+        if axis <= lay.axis < axis + idx.ndim:
+            return self.block(f"Gather '{_name(node)}' makes the channels out of its indices")
+        return self.join(
+            node.inputs[0], lay.moved(lay.axis if lay.axis < axis else lay.axis - shift)
+        )
+
     def op_Slice(self, i: int, node: ir.Node, port: str, k: int, lay: Layout) -> None:
         if port == "in" and k > 0:
             return self.block(f"channels are a parameter of Slice '{_name(node)}'")
@@ -1697,7 +1763,8 @@ def analyze(
         groups.append(g)
     if heads:
         done: set[int] = set()
-        for split in an.head_splits():
+        splits: list[tuple[int, ...]] = [*an.head_splits(), *an.packed_splits()]
+        for split in splits:
             if split[0] in done:
                 continue
             g = an.grow_heads(len(groups), split)
