@@ -14,9 +14,9 @@ through the graph in both directions:
   binary ops (Relu, Clip, HardSwish, Erf, Mul by a per-channel constant, com.microsoft
   Gelu / FastGelu / BiasGelu / QuickGelu, ...), pooling, Pad / Resize that leave the
   channel axis alone, Transpose, Squeeze / Unsqueeze, Slice / Split / Reduce* / Softmax
-  over other axes, a Shape node whose result only feeds Gathers / Slices of other
-  dimensions or the ``sizes`` of a Resize of that same tensor (where the count follows
-  the tensor);
+  over other axes, Gather along another axis with constant indices, a Shape node whose
+  result only feeds Gathers / Slices of other dimensions or the ``sizes`` of a Resize of
+  that same tensor (where the count follows the tensor);
 * through *couplings*: a binary op whose other operand is a tensor (a residual Add, the
   SE-block Mul, FusedConv's residual input Z) joins that tensor -- and, backwards, the
   producers of its channels -- to the group, so every conv writing into a residual stream is
@@ -43,6 +43,13 @@ through the graph in both directions:
 ``d`` positions wide in the Q / K / V projections (weights and biases) and in the output
 projection's rows; the heads axis is a batch axis of the score and context MatMuls, and
 the ``H`` / ``H * d`` entries of the split and merge Reshape targets shrink with it.
+A *packed* Q / K / V projection (one MatMul ``[D, 3 * H * d]``, unpacked by ``Reshape
+[B, N, 3, H, d]``, a Transpose and ``Gather(axis=0)`` / ``Slice`` + ``Squeeze`` / ``Split``
++ ``Squeeze``, as timm's ViT and Paddle's SVTR write it; also 2 parts, packed K / V) seeds a
+heads group at the unpacking Reshape: a head is ``d`` positions in each part, ``H * d``
+apart (``Layout.stride`` / ``Layout.reps``), and the Reshape's ``H`` entry shrinks. The
+target entries must be constants (or constant pieces of a Concat); a Paddle export that
+builds them from ``Cast(constant)`` needs ``fold-constants`` first (``-O3`` runs it).
 Fused attention (onnxruntime's transformer optimizer writes it) seeds a heads group at
 each com.microsoft op with ``num_heads > 1``:
 
@@ -85,8 +92,9 @@ for every dimension (Mul / Div) may sit: recovery changes each head's query and 
 the way. Rotary embeddings, a per-dimension scale, queries or keys read elsewhere, or a
 score product the channels do not reach on both sides stop the group. The group crosses
 the heads group of the same attention on purpose (whole heads there, a dimension of every
-head left here); fused com.microsoft attention takes one head size for Q, K and V and is
-not split this way.
+head left here); fused com.microsoft attention takes one head size for Q, K and V, and
+a packed Q / K / V projection would need two strides per channel, so neither is split
+this way.
 
 A group is *not prunable* when the channels reach something that mixes them or exposes the
 count: a graph output or input, LayerNormalization / Softmax over the channel axis, a Reshape
