@@ -1300,40 +1300,31 @@ class _Analyzer:
         self._seen.update({(i, "in", 0), (i, "out", 0)})
         return self.join(node.outputs[0], Layout(b, lay.offset * t, lay.inner * t))
 
-    def head_splits(self) -> list[tuple[int, int, int, int, int]]:
-        """Reshapes that split one axis into (heads, head_dim): (node, axis in the input,
-        heads axis in the output, H, d)."""
+    def head_splits(self) -> list[tuple[int, int, int, int, int, int]]:
+        """Reshapes that split one axis into (heads, head_dim), or unpack a packed
+        projection into (parts, heads, head_dim): (node, axis in the input, heads axis in
+        the output, H, d, parts; 1 for a plain split)."""
         found = []
         for i, node in enumerate(self.nodes):
             if node.op_type != "Reshape" or node.domain not in ONNX:
                 continue
             src, dst = self.shape(node.inputs[0]), self.shape(node.outputs[0])
-            split = None if src is None or dst is None else _head_split(src, dst)
-            if split is not None and dst is not None:
-                a, h = split
-                found.append((i, a, h, dst[h], dst[h + 1]))
-        return found
-
-    def packed_splits(self) -> list[tuple[int, int, int, int, int, int]]:
-        """Reshapes that unpack a packed projection into (parts, heads, head_dim): (node,
-        axis in the input, heads axis in the output, H, d, parts)."""
-        found = []
-        for i, node in enumerate(self.nodes):
-            if node.op_type != "Reshape" or node.domain not in ONNX:
+            if src is None or dst is None:
                 continue
-            src, dst = self.shape(node.inputs[0]), self.shape(node.outputs[0])
-            packed = None if src is None or dst is None else _packed_split(src, dst)
-            if packed is not None and dst is not None:
+            split = _head_split(src, dst)
+            packed = _packed_split(src, dst)
+            if split is not None:
+                found.append((i, split[0], split[1], dst[split[1]], dst[split[1] + 1], 1))
+            elif packed is not None:
                 a, h, parts = packed
                 found.append((i, a, h, dst[h], dst[h + 1], parts))
         return found
 
-    def grow_heads(self, gid: int, split: tuple[int, ...]) -> Group:
+    def grow_heads(self, gid: int, split: tuple[int, int, int, int, int, int]) -> Group:
         """A group of attention heads, seeded at a Reshape that splits them out (or that
-        unpacks a packed Q / K / V projection: ``split`` has a sixth entry, the parts; a
-        head then sits ``H * d`` apart in each part of the projection's outputs)."""
-        i, a, h, heads, dim = split[:5]
-        parts = split[5] if len(split) > 5 else 1
+        unpacks a packed Q / K / V projection, ``parts`` > 1: a head then sits ``H * d``
+        apart in each part of the projection's outputs)."""
+        i, a, h, heads, dim, parts = split
         node = self.nodes[i]
         g = Group(gid, heads, label=f"heads@{_name(node)}", unit=dim, kind="heads")
         self._start(g)
@@ -1348,13 +1339,13 @@ class _Analyzer:
             self.block("no projection produces these heads")
         return g
 
-    def grow_qk(self, gid: int, split: tuple[int, int, int, int, int]) -> Group | None:
+    def grow_qk(self, gid: int, split: tuple[int, int, int, int, int, int]) -> Group | None:
         """A Q / K head-dimension group, seeded at a Reshape that splits heads out: one
         channel is one dimension of every head of the queries and the keys (``H``
         positions ``d`` apart in each projection's outputs); the ``d`` entries of both
         split Reshapes shrink with it. None when the split's head dimensions are not
         contracted by a score MatMul (the values' split, for one)."""
-        i, a, h, heads, dim = split
+        i, a, h, heads, dim, _ = split
         node = self.nodes[i]
         g = Group(gid, dim, label=f"qkdims@{_name(node)}", kind="qkdims")
         self._start(g)
@@ -1771,8 +1762,7 @@ def analyze(
         groups.append(g)
     if heads:
         done: set[int] = set()
-        splits: list[tuple[int, ...]] = [*an.head_splits(), *an.packed_splits()]
-        for split in splits:
+        for split in an.head_splits():
             if split[0] in done:
                 continue
             g = an.grow_heads(len(groups), split)
@@ -1787,7 +1777,7 @@ def analyze(
     if qkdims:
         split_done: set[int] = set()
         for split in an.head_splits():
-            if split[0] in split_done:
+            if split[0] in split_done or split[5] > 1:  # not a packed projection's
                 continue
             qk = an.grow_qk(len(groups), split)
             if qk is not None:
