@@ -339,7 +339,7 @@ def channel_order(
             assert w is not None
             wr = np.moveaxis(w.astype(np.float64), _in_axis(node, s.kind), 0)
             wr = wr.reshape(wr.shape[0], -1)
-            pos = s.layout.positions(np.arange(c)).reshape(c, s.layout.inner)
+            pos = s.layout.positions(np.arange(c)).reshape(c, -1)
             if method == "output":
                 per_pos = np.sqrt(st.var) * np.linalg.norm(wr, axis=1)
                 energy = float(np.sqrt(np.sum(per_pos**2))) or 1.0
@@ -368,7 +368,7 @@ def channel_order(
             wr = np.moveaxis(w.astype(np.float64), cut.axis, 0).reshape(w.shape[cut.axis], -1)
             norm = np.abs(wr).sum(1) if method == "l1" else np.linalg.norm(wr, axis=1)
             lay = cut.layout
-            norm = norm[lay.positions(np.arange(c)).reshape(c, lay.inner)].sum(1)
+            norm = norm[lay.positions(np.arange(c)).reshape(c, -1)].sum(1)
             score += norm / (np.mean(norm) or 1.0)
     return np.argsort(score, kind="stable"), method
 

@@ -167,12 +167,11 @@ class Layout:
     reps: int = 1
 
     def positions(self, channels: np.ndarray) -> np.ndarray:
+        """Channel by channel: each channel's ``reps * inner`` positions together."""
         base = self.offset + np.asarray(channels, dtype=np.int64) * self.inner
-        pos = (base[:, None] + np.arange(self.inner)[None, :]).reshape(-1)
-        if self.reps == 1:
-            return pos
         heads = np.arange(self.reps, dtype=np.int64) * self.stride
-        return np.sort((heads[:, None] + pos[None, :]).reshape(-1))
+        pos = base[:, None, None] + heads[None, :, None] + np.arange(self.inner)[None, None, :]
+        return pos.reshape(-1)
 
     def end(self, channels: int) -> int:
         """One past the last position ``channels`` channels occupy along the axis."""

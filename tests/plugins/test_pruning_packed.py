@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from graphopt_plugins.pruning._recover import channel_order, collect_stats
 from onnx import helper
 from test_pruning import (
     assert_runs_like,
@@ -108,6 +109,10 @@ def test_heads_of_a_packed_projection_are_pruned(how):
     assert list(producer_cut.layout.positions(np.array([1]))) == [
         4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39
     ]  # fmt: skip
+    # ranked by the packed weight's columns too: a channel's positions in every part
+    for importance in ("l1", "l2"):
+        order, how = channel_order(ir_model, g, collect_stats(ir_model, [g], feeds), importance)
+        assert how == importance and sorted(order) == list(range(HEADS))
     pruned, _ = prune_fixed(m, feeds, 0.5)
     w = second_inputs(pruned)
     assert w["qkv_proj"].shape == (HID, 3 * 2 * DIM) and w["o_proj"].shape == (2 * DIM, HID)
