@@ -67,13 +67,25 @@ def measure(
     )
     seconds = time.perf_counter() - started
     rep = res.report.to_dict()
-    prune = next((p for p in rep["passes"] if p["name"] == "prune-channels"), {"status": "absent"})
+    # a LOSSY pass rolled back for the budget is retried once (``Pass.safer()``): the
+    # last attempt is the outcome, the earlier one is listed under ``attempts``
+    tries = [p for p in rep["passes"] if p["name"] == "prune-channels"]
+    prune = tries[-1] if tries else {"status": "absent"}
     st = prune.get("stats", {}) or {}
+    status = prune.get("status")
     row: dict[str, Any] = {
         "model": Path(model).stem,
         "budget": budget,
         "pipeline": pipeline,
-        "prune_status": prune.get("status"),
+        "prune_status": f"{status} on the retry" if len(tries) > 1 else status,
+        "attempts": [
+            {
+                "status": t.get("status"),
+                "flops_removed_pct": (t.get("stats") or {}).get("flops_removed_pct", 0.0),
+                "reason": t.get("reason", ""),
+            }
+            for t in tries
+        ],
         "applied": [p["name"] for p in rep["passes"] if p.get("status") == "applied"],
         # for a rolled-back pass: what it proposed (the model keeps none of it)
         "flops_removed_pct": st.get("flops_removed_pct", 0.0),

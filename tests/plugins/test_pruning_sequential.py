@@ -116,3 +116,38 @@ def test_auto_keeps_the_lsq_cut_when_sequential_misses_the_budget():
     assert not _sequential_wins("auto", 0.040, 0.041, seq_ok=False)
     assert not _sequential_wins("auto", 0.042, 0.041, seq_ok=True)
     assert _sequential_wins("sequential", 0.042, 0.041, seq_ok=False)
+
+
+def test_the_curve_reports_the_retry_when_the_first_attempt_was_rolled_back(monkeypatch):
+    """``Pass.safer()`` retries a LOSSY pass rolled back for the budget: the curve's row is
+    the last attempt (what the saved model holds), the first one is listed."""
+    from graphopt_plugins.pruning import curve
+
+    first = {
+        "name": "prune-channels",
+        "status": "rolled-back",
+        "reason": "budget broken: cosine=0.98 (needs >=0.99); retried more cautiously",
+        "stats": {"flops_removed_pct": 30.0},
+        "metrics": {"y": {"cosine": 0.98, "cosine_min": 0.9}},
+    }
+    retry = {
+        "name": "prune-channels",
+        "status": "applied",
+        "stats": {"flops_removed_pct": 20.0, "heldout_check": {"cosine": 0.995}},
+        "metrics": {"y": {"cosine": 0.993, "cosine_min": 0.97}},
+    }
+
+    class Result:
+        model = None
+
+        class report:  # stands in for graphopt's report object
+            @staticmethod
+            def to_dict():
+                return {"passes": [first, retry], "final": {}}
+
+    monkeypatch.setattr(curve.graphopt, "optimize", lambda *a, **k: Result())
+    row = curve.measure("m.onnx", "c.npz", "e.npz", 0.99, "prune-channels", runs=0)
+    assert row["prune_status"] == "applied on the retry"
+    assert row["flops_removed_pct"] == 20.0 and row["eval_cosine"] == 0.993
+    assert [a["status"] for a in row["attempts"]] == ["rolled-back", "applied"]
+    assert "on the retry" in curve.markdown(row)
