@@ -1018,7 +1018,8 @@ class _Cost:
     node keeps ``(1 - out)(1 - in)`` of its FLOPs when groups remove the shares ``out`` of
     its output and ``in`` of its input channels, so a conv that is the producer of one
     group and the sink of another is not counted twice (a sum of each group's share alone
-    is; on YOLOv8n it exceeded the model's FLOPs)."""
+    is; on YOLOv8n it exceeded the model's FLOPs). A Q / K head-dimension group's share is
+    a third factor ``(1 - qk)``: it thins the same projection outputs as the heads group."""
 
     def __init__(
         self,
