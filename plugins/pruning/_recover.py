@@ -136,7 +136,7 @@ def qk_bases(st: QKStats, ridge: float) -> tuple[np.ndarray, np.ndarray]:
 
     def root(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c = 0.5 * (c + c.T)
-        c = c + max(ridge * float(np.mean(np.diag(c))), 1e-12) * np.eye(d)
+        c = c + _ridge(np.diag(c), ridge) * np.eye(d)
         e, v = np.linalg.eigh(c)
         e = np.sqrt(np.maximum(e, 1e-30))
         return (v * e) @ v.T, (v / e) @ v.T

@@ -707,9 +707,7 @@ class _Analyzer:
         g = self._g
         # all of its output channels, or (a group per Split output) a range of them
         whole = lay.offset == 0 and channels == lay.end(g.channels)
-        part = g.kind == "split" and (
-            channels is not None and lay.offset + g.channels * lay.inner <= channels
-        )
+        part = g.kind == "split" and (channels is not None and lay.end(g.channels) <= channels)
         # a conv-group group's producers write blocks as wide as the grouped conv reads
         if (lay.inner != g.unit and g.kind != "convgroups") or not (whole or part):
             return self.block(
@@ -1128,7 +1126,7 @@ class _Analyzer:
             if const(node.inputs[k]) is not None:
                 return self.block(f"Concat '{_name(node)}' joins constants")
             return self.join(out, Layout(axis, int(starts[k]) + lay.offset, lay.inner))
-        lo, hi = lay.offset, lay.offset + self._g.channels * lay.inner
+        lo, hi = lay.offset, lay.end(self._g.channels)
         for j in range(len(dims)):
             if starts[j] <= lo and hi <= starts[j + 1]:
                 if const(node.inputs[j]) is not None:
@@ -1624,7 +1622,7 @@ class _Analyzer:
             self._seen.add((i, "in", 0))
             self.join(node.inputs[0], Layout(axis, int(starts[k]) + lay.offset, lay.inner))
             return self._split_fix(i, k, sizes, lay)
-        lo, hi = lay.offset, lay.offset + self._g.channels * lay.inner
+        lo, hi = lay.offset, lay.end(self._g.channels)
         for j in range(len(sizes)):
             if starts[j] <= lo and hi <= starts[j + 1]:
                 self._seen.add((i, "out", j))
@@ -1759,9 +1757,10 @@ def analyze(
         g = an.grow_conv_groups(len(groups), seed)
         grouped.update(g.grouped)
         groups.append(g)
+    splits = an.head_splits() if heads or qkdims else []
     if heads:
         done: set[int] = set()
-        for split in an.head_splits():
+        for split in splits:
             if split[0] in done:
                 continue
             g = an.grow_heads(len(groups), split)
@@ -1775,7 +1774,7 @@ def analyze(
             groups.append(g)
     if qkdims:
         split_done: set[int] = set()
-        for split in an.head_splits():
+        for split in splits:
             if split[0] in split_done or split[5] > 1:  # not a packed projection's
                 continue
             qk = an.grow_qk(len(groups), split)
